@@ -1,0 +1,41 @@
+# synthdet: the two commands are `make demo` (set up, run the pipeline on the defaults) and
+# `make test` (set up, run the tests). Both work on a fresh clone, offline but for package registries.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
+
+.PHONY: setup demo smoke test test-fast lint models clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@command -v git >/dev/null || (apt-get update && apt-get install -y git)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# pip (not uv/poetry): torch and torchvision come from this machine's local wheels.
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Placeholder models until the trained defaults land: tiny random-weight models made from configs.
+models: setup models/tiny/validator.pt
+models/tiny/validator.pt:
+	$(BIN)/synthdet tiny-models --out models/tiny
+
+demo: models
+	$(BIN)/synthdet run --params params.yaml
+
+smoke: models
+	$(BIN)/synthdet run --params params.smoke.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf workspace models/tiny

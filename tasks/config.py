@@ -1,0 +1,280 @@
+"""Typed parameters: the only reader of ``params.yaml``.
+
+Every stage has one section, validated once at the edge into a frozen pydantic model with
+``extra="forbid"``, so a typo or a bad value fails at load with the field's dotted name instead of
+forty minutes into a run. Pass-through knobs keep their upstream names (``num_inference_steps``,
+``guidance_scale``, ``conf``, ``epochs``, ``imgsz``, ``batch``, ``lr0``).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The stage names: one vocabulary for params.yaml sections, CLI subcommands, Prefect task names,
+# dvc.yaml stages and MLflow run names.
+STAGES = ("prompts", "generate", "validate", "dataset", "version", "finetune")
+
+# A name that ends up in a path, a git tag or a column: no separators, no "..", no spaces.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+# An attribute axis is also a template placeholder, so it must be a Python identifier.
+AxisName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
+Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+class ClassSpec(Section):
+    """One object class to synthesise."""
+
+    name: Name
+    phrase: str | None = Field(None, description="Text used in prompts; defaults to the name.")
+    count: PositiveInt | None = Field(None, description="Exact number of prompts for this class.")
+    weight: Weight | None = Field(None, description="Share of prompts.total, if no count.")
+
+    @model_validator(mode="after")
+    def _count_or_weight(self) -> ClassSpec:
+        if self.count is not None and self.weight is not None:
+            raise ValueError("give either count or weight, not both")
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.phrase or self.name.replace("_", " ")
+
+
+class PromptsConfig(Section):
+    """Expansion of classes x attribute axes x templates into a table of prompts."""
+
+    seed: int = 0
+    classes: list[ClassSpec] = Field(..., description="Object classes, in dataset id order.")
+    # axis -> {value: weight}; rare edge cases get small weights.
+    axes: dict[AxisName, dict[str, Weight]] = Field(default_factory=dict)
+    templates: list[str] = Field(default_factory=lambda: ["a photo of {phrase}"], min_length=1)
+    negative_prompt: str = ""
+    total: PositiveInt | None = Field(None, description="Prompts in all, shared out by weight.")
+    allow_repeats: bool = Field(False, description="Reuse a prompt (with a new seed) if a quota exceeds the grid.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[ClassSpec]) -> list[ClassSpec]:
+        if not value:
+            raise ValueError("the class list is empty: name at least one class")
+        names = [c.name for c in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"class names repeat: {names}")
+        return value
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for axis, values in value.items():
+            if axis in RESERVED_COLUMNS:
+                raise ValueError(f"axis name {axis!r} is reserved (it names a column)")
+            if not values:
+                raise ValueError(f"axis {axis!r} has no values")
+        return value
+
+    @model_validator(mode="after")
+    def _templates_and_quotas(self) -> PromptsConfig:
+        known = {"phrase", "class", *self.axes}
+        for template in self.templates:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            missing = fields - known
+            if missing:
+                raise ValueError(
+                    f"template {template!r} uses {sorted(missing)} but no such axis exists "
+                    f"(axes: {sorted(self.axes)})"
+                )
+        for c in self.classes:
+            if c.count is None and self.total is None:
+                raise ValueError(f"class {c.name!r} has no count: give it one or set prompts.total")
+        return self
+
+
+RESERVED_COLUMNS = {"prompt_id", "class", "class_id", "prompt", "negative_prompt", "seed", "template", "phrase"}
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+class GenerateConfig(Section):
+    """A diffusers text-to-image pipeline and how to sample from it."""
+
+    model: str = Field(..., description="Local pipeline directory or a hub id.")
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    scheduler: str | None = Field(None, description="A diffusers scheduler class name, e.g. DDIMScheduler.")
+    num_inference_steps: PositiveInt = 30
+    guidance_scale: float = Field(4.0, ge=0)
+    height: PositiveInt = 64
+    width: PositiveInt = 64
+    batch_size: Annotated[int, Field(gt=0, le=1024)] = 16
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8 or value > 4096:
+            raise ValueError("must be a multiple of 8 and at most 4096")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------------
+class ValidateConfig(Section):
+    """A YOLO detector that accepts or rejects each generated image and labels the accepted."""
+
+    model: str = Field(..., description="Ultralytics weights (.pt) or a model .yaml (tests).")
+    conf: Fraction = 0.25
+    iou: Fraction = 0.7
+    imgsz: PositiveInt = 64
+    batch: Annotated[int, Field(gt=0, le=1024)] = 16
+    device: str = "cpu"
+    # prompt class -> detector class names that count as it; a class missing here maps to itself.
+    class_map: dict[str, list[str]] = Field(default_factory=dict)
+    max_objects: PositiveInt | None = Field(None, description="Reject images with more detections.")
+    min_box_area: Fraction = Field(0.0, description="Smallest box of the intended class, as a share of the image.")
+    reject_unexpected: bool = Field(False, description="Reject images where a class not prompted is detected.")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+# ---------------------------------------------------------------------------------------------
+class DatasetConfig(Section):
+    """Assembly of accepted images into a YOLO-format dataset."""
+
+    name: Name = "synthetic"
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    seed: int = 0
+    real: Path | None = Field(None, description="A YOLO folder (images/, labels/) of real labelled data to mix in.")
+    real_ratio: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        0.0, description="Real images added per accepted synthetic image."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# version
+# ---------------------------------------------------------------------------------------------
+class VersionConfig(Section):
+    """The DVC data registry the datasets are versioned in."""
+
+    registry: Path | None = Field(None, description="A git+DVC repository; default <workspace>/registry.")
+    remote: str | None = Field(None, description="Any DVC remote URL; default <workspace>/remote.")
+    push: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune
+# ---------------------------------------------------------------------------------------------
+class FinetuneConfig(Section):
+    """Fine-tuning of a YOLO26 detector on a dataset version, and its evaluation."""
+
+    model: str = Field(..., description="Starting weights (.pt) or a model .yaml.")
+    epochs: PositiveInt = 10
+    imgsz: PositiveInt = 64
+    batch: Annotated[int, Field(gt=0, le=1024)] = 16
+    device: str = "cpu"
+    lr0: Annotated[float, Field(gt=0, le=1)] = 0.001
+    optimizer: str = "AdamW"
+    patience: PositiveInt = 50
+    seed: int = 0
+    mosaic: Fraction = 0.0
+    workers: Annotated[int, Field(ge=0, le=64)] = 0
+    plots: bool = True
+    eval_data: Path | None = Field(None, description="data.yaml of a held-out (real) set; default the val split.")
+    eval_split: Literal["train", "val", "test"] = "val"
+    registered_model: Name = "synthdet-detector"
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole file
+# ---------------------------------------------------------------------------------------------
+class Params(Section):
+    """The whole ``params.yaml``."""
+
+    workspace: Path = Path("workspace")
+    run_name: Name = "default"
+    prompts: PromptsConfig
+    generate: GenerateConfig
+    validate_: ValidateConfig = Field(..., alias="validate")
+    dataset: DatasetConfig = DatasetConfig()
+    version: VersionConfig = VersionConfig()
+    finetune: FinetuneConfig
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, stage: str) -> Section:
+        """The config section of a stage, by its one name."""
+        if stage not in STAGES:
+            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return getattr(self, "validate_" if stage == "validate" else stage)
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a params file.
+
+    Args:
+        path: a YAML file with one section per stage.
+        overrides: dotted keys to set after reading, e.g. ``{"workspace": "/tmp/ws"}``.
+
+    Raises:
+        ConfigError: one line per problem, each naming the file and the dotted field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path)) from None
+
+
+def format_validation_error(exc: ValidationError, path: Path | str) -> str:
+    """One line per error: ``file: dotted.field: message``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        loc = re.sub(r"\.(\d+)", r"[\1]", loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        lines.append(f"{path}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value

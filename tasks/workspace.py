@@ -1,0 +1,95 @@
+"""Where a run's files live. Everything a run writes is under one workspace directory.
+
+```
+<workspace>/
+  cache/images/       content-addressed generated images (<id>.png + <id>.json), shared by runs
+  cache/detections/   validator outputs per (image, validator, settings), shared by runs
+  runs/<run>/         each run's tables, labels and dataset before versioning
+  registry/           the DVC data registry (its own git repository)
+  remote/             the default DVC remote (a local directory)
+  mlflow.db, mlartifacts/
+  prefect/            PREFECT_HOME for local runs
+  config/             tool settings (ultralytics) kept out of the user's home
+```
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    run_name: str = "default"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "cache" / "images"
+
+    @property
+    def detections(self) -> Path:
+        return self.root / "cache" / "detections"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "runs" / self.run_name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def remote(self) -> Path:
+        return self.root / "remote"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it into place only if the block succeeds.
+
+    A crash therefore never leaves a half-written file under the final name.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def write_parquet_atomic(frame, target: Path) -> None:  # frame: pandas.DataFrame
+    with atomic_path(target) as tmp:
+        frame.to_parquet(tmp, index=False)

@@ -1,0 +1,105 @@
+"""finetune: train a YOLO26 detector on a dataset and evaluate it on a held-out set.
+
+Ultralytics' own MLflow integration is switched off by the caller (see ``flows.env``); per-epoch
+figures reach the project's tracking through the ``on_epoch`` callback instead, so this module stays
+free of any tracking library.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a fine-tune produced. Metrics are on the evaluation set, in [0, 1]."""
+
+    weights: Path
+    train_dir: Path
+    metrics: dict[str, float]
+    per_class: dict[str, float] = field(default_factory=dict)  # class name -> mAP50-95
+    plots: list[Path] = field(default_factory=list)
+
+
+def count_images(data_yaml: Path, split: str) -> int:
+    """Images listed for a split of a YOLO ``data.yaml`` (paths relative to the file)."""
+    data = yaml.safe_load(data_yaml.read_text()) or {}
+    if split not in data:
+        return 0
+    root = Path(data.get("path") or data_yaml.parent)
+    root = root if root.is_absolute() else data_yaml.parent / root
+    folder = root / data[split]
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def evaluate_detector(weights: Path | str, data_yaml: Path, split: str, cfg: FinetuneConfig, out_dir: Path):
+    """mAP50, mAP50-95, precision and recall of ``weights`` on one split, and mAP50-95 per class."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task="detect")
+    result = model.val(
+        data=str(data_yaml), split=split, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
+        plots=False, verbose=False, project=str(out_dir), name="eval", exist_ok=True, workers=cfg.workers,
+    )  # fmt: skip
+    box = result.box
+    metrics = {"mAP50": float(box.map50), "mAP50-95": float(box.map), "precision": float(box.mp),
+               "recall": float(box.mr)}  # fmt: skip
+    names = result.names
+    per_class = {names[int(c)]: float(box.maps[int(c)]) for c in result.ap_class_index}
+    return metrics, per_class
+
+
+def finetune_detector(
+    cfg: FinetuneConfig,
+    data_yaml: Path,
+    out_dir: Path,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` on ``data_yaml``, then evaluate on ``cfg.eval_data`` (or the val split).
+
+    Args:
+        cfg: the finetune section (ultralytics' own knob names).
+        data_yaml: a YOLO dataset, e.g. a checked-out dataset version.
+        out_dir: ultralytics writes ``train/`` (weights, plots, results.csv) and ``eval/`` here.
+        on_epoch: called after each epoch with (epoch, {losses and val metrics}).
+
+    Raises:
+        ValueError: the dataset has no training or no validation images.
+    """
+    from ultralytics import YOLO
+
+    for split in ("train", "val"):
+        if count_images(data_yaml, split) == 0:
+            raise ValueError(f"{data_yaml}: no {split} images to fine-tune with")
+    model = YOLO(cfg.model, task="detect")
+    if on_epoch is not None:
+
+        def report(trainer: Any) -> None:
+            figures = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.metrics}
+            on_epoch(int(trainer.epoch), {k: float(v) for k, v in figures.items()})
+
+        model.add_callback("on_fit_epoch_end", report)
+    model.train(
+        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
+        lr0=cfg.lr0, optimizer=cfg.optimizer, patience=cfg.patience, seed=cfg.seed, deterministic=True,
+        mosaic=cfg.mosaic, workers=cfg.workers, plots=cfg.plots, amp=False, verbose=False,
+        project=str(out_dir), name="train", exist_ok=True,
+    )  # fmt: skip
+    train_dir = out_dir / "train"
+    weights = train_dir / "weights" / "best.pt"
+    if not weights.is_file():
+        weights = train_dir / "weights" / "last.pt"
+    eval_data = cfg.eval_data or data_yaml
+    metrics, per_class = evaluate_detector(weights, eval_data, cfg.eval_split, cfg, out_dir)
+    plots = sorted(p for p in train_dir.glob("*") if p.suffix in {".png", ".jpg"})
+    return FinetuneResult(weights, train_dir, metrics, per_class, plots)

@@ -1,0 +1,229 @@
+"""generate: render one image per prompt row with a diffusers text-to-image pipeline.
+
+Every image gets an id derived from everything that determines its pixels (prompt, negative prompt,
+seed, the weights' hash and the sampler settings), and is stored content-addressed as
+``<images_dir>/<id>.png`` plus a ``<id>.json`` record. A re-run, a resumed crash and a larger run
+all find finished images by id and skip them, so nothing is generated twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from tasks.config import GenerateConfig
+from tasks.workspace import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+log = logging.getLogger(__name__)
+
+# Weight files whose bytes define a pipeline; configs and tokenizers are hashed too, since they
+# change outputs as surely as weights do.
+_HASHED_SUFFIXES = {".safetensors", ".bin", ".json", ".txt", ".model"}
+# An image whose pixel standard deviation is below this (on a 0-1 scale) is blank.
+MIN_PIXEL_STD = 1e-3
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A pipeline ready to sample, with what identifies it in manifests."""
+
+    pipe: DiffusionPipeline
+    model: str
+    model_hash: str
+    scheduler: str
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory for ``model``: the path itself, or the hub snapshot (downloaded only when online).
+
+    Raises:
+        FileNotFoundError: ``model`` looks like a path but no such directory exists, or it is not a
+            diffusers pipeline directory (no ``model_index.json``).
+    """
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise FileNotFoundError(f"generate.model: {model}: no such directory")
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"generate.model: {model}: not a diffusers pipeline (no model_index.json)")
+        return path
+    from huggingface_hub import snapshot_download
+
+    # Honours HF_HUB_OFFLINE: offline, this finds a cached snapshot or fails at once.
+    try:
+        return Path(snapshot_download(model))
+    except Exception as exc:  # the hub raises many kinds; the user needs one message
+        raise FileNotFoundError(
+            f"generate.model: {model}: no such directory, and no hub snapshot ({type(exc).__name__})"
+        ) from exc
+
+
+def hash_model_dir(model_dir: Path) -> str:
+    """sha256 over the relative paths and bytes of the files that define a pipeline (16 hex chars)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix in _HASHED_SUFFIXES):
+        digest.update(file.relative_to(model_dir).as_posix().encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
+    """Load any diffusers text-to-image pipeline from a local directory or a hub id."""
+    import diffusers
+    import torch
+
+    model_dir = resolve_model_dir(cfg.model)
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+        model_dir, torch_dtype=getattr(torch, cfg.dtype), local_files_only=True, use_safetensors=True
+    )
+    if cfg.scheduler:
+        scheduler_cls = getattr(diffusers, cfg.scheduler, None)
+        if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+            raise ValueError(f"generate.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class")
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe = pipe.to(cfg.device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(pipe, cfg.model, hash_model_dir(model_dir), type(pipe.scheduler).__name__)
+
+
+def image_id(row: dict[str, Any], loaded: LoadedPipeline, cfg: GenerateConfig) -> str:
+    """The content address of one image: a hash of everything that determines its pixels."""
+    key = [
+        row["prompt"], row["negative_prompt"], int(row["seed"]), loaded.model_hash, loaded.scheduler,
+        cfg.num_inference_steps, cfg.guidance_scale, cfg.height, cfg.width, cfg.dtype,
+    ]  # fmt: skip
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _finished_record(images_dir: Path, image: str) -> dict[str, Any] | None:
+    """The stored record of an image if it is complete and intact, else None (so it is redone)."""
+    record_path = images_dir / f"{image}.json"
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("status") == "ok":
+        png = images_dir / f"{image}.png"
+        if not png.is_file() or file_sha256(png) != record.get("file_sha256"):
+            return None
+    return record
+
+
+def degenerate_reason(pixels: np.ndarray) -> str | None:
+    """Why an image (H, W, C floats in [0, 1]) is unusable, or None if it is fine."""
+    if not np.isfinite(pixels).all():
+        return "non-finite pixels (NaN or inf)"
+    std = float(pixels.std())
+    if std < MIN_PIXEL_STD:
+        return f"constant image (pixel std {std:.5f})"
+    return None
+
+
+def generate_images(
+    loaded: LoadedPipeline,
+    prompts: pd.DataFrame,
+    cfg: GenerateConfig,
+    images_dir: Path,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Render every prompt row that has no finished image yet; return one manifest row per prompt.
+
+    Args:
+        loaded: the pipeline from :func:`load_pipeline`.
+        prompts: the table from the prompts stage (needs prompt, negative_prompt, seed).
+        cfg: sampling settings; ``batch_size`` images go through the pipeline at once.
+        images_dir: the content-addressed store; writes ``<id>.png`` (RGB) and ``<id>.json``.
+        progress: show a progress bar.
+
+    Returns:
+        The prompt columns plus image_id, path, status ("ok" or "rejected"), reason, file_sha256,
+        seconds (per image, amortised over its batch), model, model_hash, scheduler and settings.
+    """
+    import torch
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rows = prompts.to_dict("records")
+    ids = [image_id(row, loaded, cfg) for row in rows]
+    records: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, dict[str, Any]]] = []
+    for image, row in zip(ids, rows, strict=True):
+        if image in records:
+            continue  # the same prompt and seed twice: one image serves both rows
+        record = _finished_record(images_dir, image)
+        if record is None:
+            todo.append((image, row))
+            records[image] = {}
+        else:
+            records[image] = record
+    log.info("generate: %d images to make, %d already done", len(todo), len(records) - len(todo))
+
+    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start : start + cfg.batch_size]
+        generators = [torch.Generator(cfg.device).manual_seed(int(row["seed"])) for _, row in batch]
+        began = time.perf_counter()
+        with torch.inference_mode():
+            out = loaded.pipe(
+                prompt=[row["prompt"] for _, row in batch],
+                negative_prompt=[row["negative_prompt"] for _, row in batch],
+                generator=generators,
+                num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale,
+                height=cfg.height,
+                width=cfg.width,
+                output_type="np",
+            )
+        seconds = (time.perf_counter() - began) / len(batch)
+        for (image, _), pixels in zip(batch, out.images, strict=True):
+            records[image] = _store(images_dir, image, np.asarray(pixels, dtype=np.float32), seconds)
+        bar.update(len(batch))
+    bar.close()
+
+    table = prompts.copy()
+    table["image_id"] = ids
+    table["path"] = [str(images_dir / f"{image}.png") if records[image]["status"] == "ok" else "" for image in ids]
+    for column in ("status", "reason", "file_sha256", "seconds"):
+        table[column] = [records[image].get(column) for image in ids]
+    table["model"] = loaded.model
+    table["model_hash"] = loaded.model_hash
+    table["scheduler"] = loaded.scheduler
+    for knob in ("num_inference_steps", "guidance_scale", "height", "width", "dtype"):
+        table[knob] = getattr(cfg, knob)
+    return table
+
+
+def _store(images_dir: Path, image: str, pixels: np.ndarray, seconds: float) -> dict[str, Any]:
+    """Write one image and its record; the record goes last, so its presence means both are whole."""
+    reason = degenerate_reason(pixels)
+    record: dict[str, Any] = {"status": "ok", "reason": "", "file_sha256": "", "seconds": round(seconds, 4)}
+    if reason:
+        record.update(status="rejected", reason=reason)
+    else:
+        png = images_dir / f"{image}.png"
+        with atomic_path(png) as tmp:
+            Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        record["file_sha256"] = file_sha256(png)
+    write_text_atomic(images_dir / f"{image}.json", json.dumps(record))
+    return record

@@ -1,0 +1,234 @@
+"""validate: keep a generated image only if a YOLO detector sees the object it was prompted for.
+
+Detections are cached per (image, detector weights, settings) beside the images, so re-running with
+other acceptance rules costs no inference. Accepted images get YOLO-format pseudo-labels from the
+detections, in the dataset's own class ids (the order of ``prompts.classes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tasks.config import ValidateConfig
+from tasks.workspace import write_text_atomic
+
+if TYPE_CHECKING:
+    from ultralytics import YOLO
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedDetector:
+    model: YOLO
+    path: str
+    model_hash: str
+
+    @property
+    def names(self) -> list[str]:
+        return [self.model.names[i] for i in sorted(self.model.names)]
+
+
+def load_detector(path: str, field: str = "validate.model") -> LoadedDetector:
+    """Load ultralytics weights (``.pt``) or build a model from a ``.yaml`` (random weights, for tests).
+
+    ``.pt`` files are pickles: they are loaded only from the path the user configured.
+
+    Raises:
+        FileNotFoundError: no such file (``.yaml`` names known to ultralytics, like ``yolo26n.yaml``,
+            need no file).
+        ValueError: the file is not an ultralytics detector.
+    """
+    from ultralytics import YOLO
+
+    file = Path(path)
+    if file.suffix == ".pt" and not file.is_file():
+        raise FileNotFoundError(f"{field}: {path}: no such file")
+    try:
+        model = YOLO(path, task="detect")
+    except Exception as exc:  # torch/ultralytics raise many kinds for a bad checkpoint
+        raise ValueError(f"{field}: {path}: not a loadable ultralytics model ({type(exc).__name__}: {exc})") from None
+    if model.task != "detect":
+        raise ValueError(f"{field}: {path}: a {model.task} model, not a detector")
+    digest = hashlib.sha256(file.read_bytes() if file.is_file() else path.encode()).hexdigest()[:16]
+    return LoadedDetector(model, path, digest)
+
+
+def resolve_class_map(class_names: list[str], detector_names: list[str], class_map: dict[str, list[str]]) -> dict[str, int]:
+    """Map each detector class name that stands for a dataset class to that class's id.
+
+    Raises:
+        ValueError: before any inference, for a class with no matching detector class, or a mapping
+            key that is not a class.
+    """
+    unknown = sorted(set(class_map) - set(class_names))
+    if unknown:
+        raise ValueError(f"validate.class_map: {unknown} are not classes in prompts.classes {class_names}")
+    detector_to_dataset: dict[str, int] = {}
+    for class_id, name in enumerate(class_names):
+        targets = class_map.get(name, [name])
+        missing = [t for t in targets if t not in detector_names]
+        if missing or not targets:
+            shown = detector_names if len(detector_names) <= 20 else detector_names[:20] + ["..."]
+            raise ValueError(
+                f"validate.class_map: class {name!r} maps to {missing or targets}, which the detector "
+                f"does not know; its classes are {shown}"
+            )
+        for target in targets:
+            detector_to_dataset[target] = class_id
+    return detector_to_dataset
+
+
+def _settings_key(detector: LoadedDetector, cfg: ValidateConfig) -> str:
+    key = json.dumps([detector.model_hash, cfg.conf, cfg.iou, cfg.imgsz])
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def detect(
+    detector: LoadedDetector, paths: list[Path], cfg: ValidateConfig, cache_dir: Path, progress: bool = True
+) -> list[list[dict[str, Any]]]:
+    """Detections per image: ``[{"name", "conf", "box": [cx, cy, w, h] normalised}]``, from cache or inference."""
+    key = _settings_key(detector, cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = [cache_dir / f"{p.stem}.{key}.json" for p in paths]
+    results: list[list[dict[str, Any]] | None] = [
+        json.loads(c.read_text()) if c.is_file() else None for c in cached
+    ]
+    todo = [i for i, r in enumerate(results) if r is None]
+    bar = tqdm(total=len(todo), desc="validate", unit="img", disable=not progress)
+    for start in range(0, len(todo), cfg.batch):
+        chunk = todo[start : start + cfg.batch]
+        predictions = detector.model.predict(
+            [str(paths[i]) for i in chunk], imgsz=cfg.imgsz, conf=cfg.conf, iou=cfg.iou,
+            device=cfg.device, batch=cfg.batch, verbose=False,
+        )  # fmt: skip
+        for i, pred in zip(chunk, predictions, strict=True):
+            boxes = pred.boxes
+            found = [
+                {"name": pred.names[int(c)], "conf": round(float(p), 4), "box": [round(float(v), 5) for v in b]}
+                for c, p, b in zip(boxes.cls.tolist(), boxes.conf.tolist(), boxes.xywhn.tolist(), strict=True)
+            ]
+            found.sort(key=lambda d: -d["conf"])
+            write_text_atomic(cached[i], json.dumps(found))
+            results[i] = found
+        bar.update(len(chunk))
+    bar.close()
+    return [r or [] for r in results]
+
+
+def judge(
+    detections: list[dict[str, Any]], intended: str, detector_to_dataset: dict[str, int],
+    class_names: list[str], cfg: ValidateConfig,
+) -> str:  # fmt: skip
+    """The reason to reject an image, or "" to accept it. Detections are already above ``cfg.conf``."""
+    def shown(d: dict[str, Any]) -> str:
+        return f"{d['name']} {d['conf']:.2f}"
+
+    if not detections:
+        return f"nothing detected at conf >= {cfg.conf}"
+    intended_id = class_names.index(intended)
+    hits = [d for d in detections if detector_to_dataset.get(d["name"]) == intended_id]
+    if not hits:
+        return f"no {intended} at conf >= {cfg.conf} (saw {', '.join(shown(d) for d in detections[:3])})"
+    if cfg.max_objects is not None and len(detections) > cfg.max_objects:
+        return f"{len(detections)} objects > max_objects {cfg.max_objects}"
+    area = max(d["box"][2] * d["box"][3] for d in hits)
+    if area < cfg.min_box_area:
+        return f"{intended} box covers {area:.4f} of the image < min_box_area {cfg.min_box_area}"
+    if cfg.reject_unexpected:
+        unexpected = [d for d in detections if d["name"] not in detector_to_dataset]
+        if unexpected:
+            return f"unexpected class {shown(unexpected[0])}"
+    return ""
+
+
+def label_lines(detections: list[dict[str, Any]], detector_to_dataset: dict[str, int]) -> list[str]:
+    """YOLO label lines (``class cx cy w h``) for the detections of dataset classes."""
+    lines = []
+    for d in detections:
+        class_id = detector_to_dataset.get(d["name"])
+        if class_id is not None:
+            cx, cy, w, h = (min(max(v, 0.0), 1.0) for v in d["box"])
+            lines.append(f"{class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+    return lines
+
+
+def validate_images(
+    detector: LoadedDetector,
+    generated: pd.DataFrame,
+    cfg: ValidateConfig,
+    class_names: list[str],
+    labels_dir: Path,
+    cache_dir: Path,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Accept or reject every generated image and write labels for the accepted.
+
+    Args:
+        detector: from :func:`load_detector`.
+        generated: the generate stage's table (image_id, class, path, status, reason).
+        cfg: thresholds and rules.
+        class_names: the dataset's classes, in id order.
+        labels_dir: gets ``<image_id>.txt`` for each accepted image (and loses stale ones).
+        cache_dir: detection cache shared across runs.
+
+    Returns:
+        ``generated`` plus accepted (bool), reject_reason, confidence (best score of the intended
+        class, 0 if none), n_detections, detections (JSON) and label_path.
+    """
+    detector_to_dataset = resolve_class_map(class_names, detector.names, cfg.class_map)
+    ok = generated["status"] == "ok"
+    detections = detect(detector, [Path(p) for p in generated.loc[ok, "path"]], cfg, cache_dir, progress)
+    by_row = dict(zip(generated.index[ok], detections, strict=True))
+
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    out = generated.copy()
+    accepted, reasons, confidence, counts, dumps, label_paths = [], [], [], [], [], []
+    for index, row in generated.iterrows():
+        found = by_row.get(index, [])
+        reason = judge(found, row["class"], detector_to_dataset, class_names, cfg) if ok[index] else (
+            f"not generated: {row['reason']}"
+        )
+        hits = [d["conf"] for d in found if detector_to_dataset.get(d["name"]) == class_names.index(row["class"])]
+        label = labels_dir / f"{row['image_id']}.txt"
+        if reason:
+            label.unlink(missing_ok=True)
+        else:
+            write_text_atomic(label, "\n".join(label_lines(found, detector_to_dataset)) + "\n")
+        accepted.append(not reason)
+        reasons.append(reason)
+        confidence.append(max(hits, default=0.0))
+        counts.append(len(found))
+        dumps.append(json.dumps(found))
+        label_paths.append("" if reason else str(label))
+    out["accepted"] = accepted
+    out["reject_reason"] = reasons
+    out["confidence"] = confidence
+    out["n_detections"] = counts
+    out["detections"] = dumps
+    out["label_path"] = label_paths
+    return out
+
+
+def summarize_validation(table: pd.DataFrame) -> dict[str, float]:
+    """Acceptance rate overall and per class, and a 10-bin histogram of intended-class confidence."""
+    metrics: dict[str, float] = {
+        "validated": float(len(table)),
+        "accepted": float(table["accepted"].sum()),
+        "acceptance_rate": float(table["accepted"].mean()) if len(table) else 0.0,
+    }
+    for name, group in table.groupby("class", sort=True):
+        metrics[f"acceptance_rate.{name}"] = float(group["accepted"].mean())
+    counts, _ = np.histogram(table["confidence"], bins=10, range=(0.0, 1.0))
+    for i, count in enumerate(counts):
+        metrics[f"confidence_hist.{i / 10:.1f}-{(i + 1) / 10:.1f}"] = float(count)
+    return metrics

@@ -1,0 +1,244 @@
+"""The ``synthdet`` command line: ``run`` for a whole flow, one subcommand per stage, and dataset tools.
+
+Heavy libraries are imported inside the commands, after :func:`flows.env.configure_environment`
+has set the offline switches and tool homes, so ``synthdet --help`` is instant and nothing is
+written to the user's home.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.config import STAGES, ConfigError, load_params
+from tasks.workspace import Workspace
+
+app = typer.Typer(
+    help="Turn a text-to-image diffusion model into a validated, versioned synthetic YOLO dataset, "
+    "and fine-tune a detector on it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="List, restore and push dataset versions in the DVC data registry.",
+                           no_args_is_help=True)  # fmt: skip
+app.add_typer(datasets_app, name="datasets")
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file (one section per stage).")]
+WorkspaceOption = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="Write everything here instead of params' workspace.")
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    for line in str(exc).strip().splitlines() or [type(exc).__name__]:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
+    """Run ``work``; expected errors become one line each on stderr and a non-zero exit."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return work()
+    except EXPECTED_ERRORS as exc:
+        _fail(exc, debug)
+    except Exception as exc:  # noqa: BLE001 - anything else is reported the same way, with its type
+        if debug:
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _prepare(params: Path, workspace: Path | None) -> None:
+    """Validate params first (fast, before any heavy import), then set the environment."""
+    from flows.env import configure_environment
+
+    overrides = {"workspace": str(workspace)} if workspace else None
+    loaded = load_params(params, overrides)
+    configure_environment(Workspace(Path(loaded.workspace), loaded.run_name))
+
+
+# -- whole flows ------------------------------------------------------------------------------
+@app.command()
+def run(
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    flow: Annotated[str, typer.Option(help="pipeline, synthesize or finetune.")] = "pipeline",
+    dataset_version: Annotated[str, typer.Option(help="For --flow finetune: a tag or 'latest'.")] = "latest",
+    debug: DebugOption = False,
+) -> None:
+    """Run a whole flow through Prefect (a local temporary API unless PREFECT_API_URL is set)."""
+
+    def work() -> dict:
+        if flow not in ("pipeline", "synthesize", "finetune"):
+            raise ValueError(f"--flow: {flow!r} is not one of pipeline, synthesize, finetune")
+        _prepare(params, workspace)
+        from flows.pipeline import FLOWS
+
+        ws = str(workspace) if workspace else None
+        extra = {"dataset_version": dataset_version} if flow == "finetune" else {}
+        return FLOWS[flow](params=str(params), workspace=ws, **extra)
+
+    summary = _guarded(debug, work)
+    typer.echo(format_summary(summary))
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The few lines a user wants after a run."""
+    lines = [f"synthdet {summary['flow']}: done"]
+    if "prompts" in summary:
+        lines.append(f"  prompts      {summary['prompts']['prompts']}")
+    if "generate" in summary:
+        g = summary["generate"]
+        lines.append(f"  generated    {g['generated']} (degenerate {g['degenerate']})")
+    if "validate" in summary:
+        v = summary["validate"]
+        lines.append(f"  accepted     {v['accepted']} of {v['validated']} ({v['acceptance_rate']:.0%})")
+    if "dataset" in summary:
+        d = summary["dataset"]
+        lines.append(f"  dataset      {d['train']} train / {d['val']} val ({d['real']} real)")
+    if "version" in summary:
+        v = summary["version"]
+        pushed = "pushed" if v["pushed"] else "NOT pushed (synthdet datasets push)"
+        lines.append(f"  version      {v['tag']} ({v['dvc_md5']}, {pushed})")
+    if "finetune" in summary:
+        f = summary["finetune"]
+        lines.append(f"  mAP50-95     {f['mAP50-95']:.3f} (mAP50 {f['mAP50']:.3f}) on {f['dataset_version']}")
+        lines.append(f"  model        {f['registered_model']} v{f['model_version']}  {f['weights']}")
+    lines.append(f"  mlflow run   {summary['mlflow_run_id']}  ({summary['mlflow_uri']})")
+    lines.append(f"  workspace    {summary['workspace']}  (run files in {summary['run_dir']})")
+    return "\n".join(lines)
+
+
+# -- one subcommand per stage -----------------------------------------------------------------
+def _stage_command(stage: str, doc: str) -> None:
+    def command(params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None,
+                debug: DebugOption = False) -> None:  # fmt: skip
+        def work() -> dict:
+            _prepare(params, workspace)
+            from flows.pipeline import open_context
+            from flows.stages import STAGE_FUNCTIONS
+
+            ctx = open_context(str(params), str(workspace) if workspace else None)
+            return STAGE_FUNCTIONS[stage](ctx)
+
+        result = _guarded(debug, work)
+        typer.echo(json.dumps(result, indent=2, default=str))
+
+    command.__doc__ = doc
+    app.command(name=stage)(command)
+
+
+for _stage, _doc in {
+    "prompts": "Expand classes x attributes x templates into the prompt table.",
+    "generate": "Render one image per prompt with the diffusers pipeline (resumable).",
+    "validate": "Accept or reject each image with the YOLO detector; write pseudo-labels.",
+    "dataset": "Assemble accepted (and real) images into a YOLO dataset.",
+    "version": "Version the dataset in the DVC data registry and push it.",
+    "finetune": "Fine-tune the detector on this run's dataset version, evaluate and register it.",
+}.items():
+    _stage_command(_stage, _doc)
+assert tuple(c.name for c in app.registered_commands if c.name in STAGES) == STAGES
+
+
+# -- datasets ---------------------------------------------------------------------------------
+def _registry(params: Path, workspace: Path | None) -> tuple[Path, str, str]:
+    overrides = {"workspace": str(workspace)} if workspace else None
+    loaded = load_params(params, overrides)
+    ws = Workspace(Path(loaded.workspace))
+    remote = loaded.version.remote or str(ws.remote.resolve())
+    return (loaded.version.registry or ws.registry), remote, loaded.dataset.name
+
+
+@datasets_app.command("list")
+def datasets_list(params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None,
+                  debug: DebugOption = False) -> None:  # fmt: skip
+    """Show every dataset version in the registry."""
+    from tasks.versioning import list_versions
+
+    def work() -> list:
+        registry, _, _ = _registry(params, workspace)
+        return list_versions(registry) if registry.exists() else []
+
+    versions = _guarded(debug, work)
+    if not versions:
+        typer.echo("no dataset versions yet")
+    for v in versions:
+        typer.echo(f"{v.tag:24} {v.files:6d} files  {v.dvc_md5}  {v.git_rev[:10]}  {v.created}"
+                   f"  {'pushed' if v.pushed else 'NOT pushed'}")  # fmt: skip
+
+
+@datasets_app.command("checkout")
+def datasets_checkout(
+    version: Annotated[str, typer.Argument(help="A version tag, e.g. synthetic-v1, or 'latest'.")],
+    to: Annotated[Path, typer.Option("--to", help="An empty or new directory to restore into.")],
+    params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None, debug: DebugOption = False,
+) -> None:  # fmt: skip
+    """Restore a dataset version byte for byte."""
+    from tasks.versioning import checkout_version
+
+    def work() -> Path:
+        registry, _, name = _registry(params, workspace)
+        return checkout_version(registry, version, to, name=name)
+
+    typer.echo(f"restored {version} into {_guarded(debug, work)}")
+
+
+@datasets_app.command("push")
+def datasets_push(
+    version: Annotated[str, typer.Argument(help="A version tag, or 'latest'.")],
+    params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None, debug: DebugOption = False,
+) -> None:  # fmt: skip
+    """Push a version's data to the DVC remote (for versions made while it was unreachable)."""
+    from tasks.versioning import push_version
+
+    def work() -> Any:
+        registry, _, name = _registry(params, workspace)
+        return push_version(registry, version, name=name)
+
+    made = _guarded(debug, work)
+    typer.echo(f"{made.tag}: {'pushed' if made.pushed else 'NOT pushed'}")
+
+
+# -- placeholder models -----------------------------------------------------------------------
+@app.command("tiny-models")
+def tiny_models(
+    out: Annotated[Path, typer.Option(help="Folder for generator/ and validator.pt.")] = Path("models/tiny"),
+    classes: Annotated[str, typer.Option(help="Comma-separated detector class names.")] = "circle,square,triangle,star",
+    seed: int = 0,
+    debug: DebugOption = False,
+) -> None:
+    """Build tiny random-weight models from configs (a diffusers pipeline and a YOLO26n detector)."""
+
+    def work() -> None:
+        from flows.env import configure_environment
+
+        configure_environment(Workspace(out / ".workspace"))
+        from tasks.tiny_models import build_tiny_detector, build_tiny_pipeline
+
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        build_tiny_pipeline(out / "generator", vocabulary=None, seed=seed)
+        build_tiny_detector(out / "validator.pt", names, seed=seed)
+
+    _guarded(debug, work)
+    typer.echo(f"built {out}/generator and {out}/validator.pt")
+
+
+def main() -> None:
+    app(prog_name="synthdet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

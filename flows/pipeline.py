@@ -1,0 +1,86 @@
+"""Prefect flows: ``synthesize`` (prompts -> version), ``finetune`` (version -> finetune) and
+``pipeline`` (both). Each stage is a Prefect task of the same name; each flow run is one MLflow
+parent run tagged with its Prefect flow run, and each stage a nested MLflow run.
+
+Caching is the stages' own (content-addressed images and detections), so Prefect's input hashing
+is off (``NO_CACHE``): a re-run of a flow does only the work that is new.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows import stages
+from flows.env import configure_environment, tracking_uri
+from tasks.config import STAGES, load_params
+from tasks.tracking import Tracker
+from tasks.workspace import Workspace
+
+SYNTHESIZE = STAGES[:5]
+FINETUNE = STAGES[5:]
+
+TASKS = {name: task(name=name, cache_policy=NO_CACHE)(fn) for name, fn in stages.STAGE_FUNCTIONS.items()}
+
+
+def open_context(params_path: str, workspace: str | None, progress: bool = True) -> stages.StageContext:
+    """Load params, set up the workspace's environment and tracking."""
+    overrides = {"workspace": workspace} if workspace else None
+    params = load_params(params_path, overrides)
+    ws = Workspace(Path(params.workspace), params.run_name)
+    configure_environment(ws)
+    uri = tracking_uri(ws)
+    artifacts = ws.mlflow_artifacts.resolve().as_uri() if uri == ws.mlflow_uri else None
+    return stages.StageContext(params, ws, Tracker(uri, artifacts), progress=progress)
+
+
+def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...], **finetune_args: Any) -> dict:
+    """Run stages in order as Prefect tasks under one MLflow parent run; return a summary."""
+    logger = get_run_logger()
+    tags = {
+        "synthdet.flow": flow_name,
+        "synthdet.run_name": ctx.params.run_name,
+        "git.sha": stages.git_sha(),
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+    }
+    summary: dict[str, Any] = {"flow": flow_name, "workspace": str(ctx.ws.root.resolve()), "run_dir": str(ctx.ws.run_dir.resolve()),
+                               "mlflow_uri": ctx.tracker.uri}  # fmt: skip
+    with ctx.tracker.run(flow_name, tags=tags) as parent:
+        ctx.parent_run = parent
+        summary["mlflow_run_id"] = parent
+        for name in names:
+            args = finetune_args if name == "finetune" else {}
+            result = TASKS[name](ctx, **args)
+            logger.info("%s: %s", name, {k: v for k, v in result.items() if k != "per_class"})
+            summary[name] = result
+        numbers = {f"{stage}.{key}": value for stage, result in summary.items() if isinstance(result, dict)
+                   for key, value in result.items() if isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
+        ctx.tracker.log_metrics(parent, numbers)
+    summary["mlflow_run_ids"] = dict(ctx.run_ids)
+    return summary
+
+
+@flow(name="synthesize")
+def synthesize(params: str = "params.yaml", workspace: str | None = None) -> dict:
+    """prompts -> generate -> validate -> dataset -> version: a new synthetic dataset version."""
+    return run_stages("synthesize", open_context(params, workspace), SYNTHESIZE)
+
+
+@flow(name="finetune")
+def finetune(params: str = "params.yaml", workspace: str | None = None, dataset_version: str = "latest") -> dict:
+    """Fine-tune the detector on a dataset version (a tag, or "latest") and register it."""
+    return run_stages("finetune", open_context(params, workspace), FINETUNE, dataset_version=dataset_version)
+
+
+@flow(name="pipeline")
+def pipeline(params: str = "params.yaml", workspace: str | None = None) -> dict:
+    """The whole DAG: synthesize a dataset version, then fine-tune on it."""
+    return run_stages("pipeline", open_context(params, workspace), STAGES)
+
+
+FLOWS = {"pipeline": pipeline, "synthesize": synthesize, "finetune": finetune}

@@ -1,0 +1,227 @@
+"""The six stages, wired: read the previous stage's table, call the plain task function, write the
+stage's outputs under the run directory, and log to the stage's MLflow run.
+
+The CLI subcommands (and so ``dvc repro``) call these directly; the Prefect flows wrap the same
+functions as tasks. No ML logic lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks.config import Params
+from tasks.tracking import Tracker
+from tasks.workspace import Workspace, write_parquet_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+GRID_SIZE = 32  # images per contact sheet logged to MLflow
+
+
+@dataclass
+class StageContext:
+    """What every stage needs: the params, where to write, and where to log."""
+
+    params: Params
+    ws: Workspace
+    tracker: Tracker
+    parent_run: str | None = None
+    progress: bool = True
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+    @contextmanager
+    def stage_run(self, stage: str) -> Iterator[str]:
+        """The stage's MLflow run (nested under the flow's run, if any), with its params logged."""
+        tags = {"synthdet.stage": stage, "synthdet.run_name": self.params.run_name}
+        with self.tracker.run(stage, parent=self.parent_run, tags=tags) as run_id:
+            self.run_ids[stage] = run_id
+            self.tracker.log_params(run_id, self.params.section(stage).model_dump(mode="json"))
+            yield run_id
+
+    def out(self, stage: str, name: str = "") -> Path:
+        return self.ws.stage_dir(stage) / name if name else self.ws.stage_dir(stage)
+
+    def read_table(self, stage: str, name: str) -> pd.DataFrame:
+        path = self.out(stage, name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run the {stage} stage first")
+        return pd.read_parquet(path)
+
+
+def class_names(params: Params) -> list[str]:
+    return [c.name for c in params.prompts.classes]
+
+
+def git_sha(folder: Path | None = None) -> str:
+    """The commit of the project's code, with ``-dirty`` if it has uncommitted changes."""
+    folder = folder or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------------------------------------
+def prompts(ctx: StageContext) -> dict[str, Any]:
+    """Expand the prompt spec into ``prompts/prompts.parquet``."""
+    from tasks.prompts import expand_prompts
+
+    with ctx.stage_run("prompts") as run_id:
+        table = expand_prompts(ctx.params.prompts)
+        path = ctx.out("prompts", "prompts.parquet")
+        write_parquet_atomic(table, path)
+        counts = table["class"].value_counts()
+        ctx.tracker.log_metrics(run_id, {"prompts": len(table), **{f"prompts.{k}": v for k, v in counts.items()}})
+        ctx.tracker.log_table(run_id, table, "prompts.json")
+        ctx.tracker.log_artifact(run_id, path)
+    return {"prompts": len(table), "path": str(path)}
+
+
+def generate(ctx: StageContext) -> dict[str, Any]:
+    """Render every prompt; images go to the shared cache, the manifest to ``generate/generated.parquet``."""
+    from tasks.generation import generate_images, load_pipeline
+    from tasks.grids import image_grid
+
+    table = ctx.read_table("prompts", "prompts.parquet")
+    with ctx.stage_run("generate") as run_id:
+        loaded = load_pipeline(ctx.params.generate)
+        ctx.tracker.set_tags(run_id, {"generator.model": loaded.model, "generator.hash": loaded.model_hash})
+        generated = generate_images(loaded, table, ctx.params.generate, ctx.ws.images, ctx.progress)
+        path = ctx.out("generate", "generated.parquet")
+        write_parquet_atomic(generated, path)
+        ok = generated[generated["status"] == "ok"]
+        seconds = generated["seconds"].astype(float)
+        ctx.tracker.log_metrics(run_id, {
+            "generated": len(ok), "degenerate": len(generated) - len(ok),
+            "seconds_per_image": float(seconds.mean()) if len(seconds) else 0.0,
+        })  # fmt: skip
+        ctx.tracker.log_artifact(run_id, path)
+        if len(ok):
+            sample = ok.head(GRID_SIZE)
+            ctx.tracker.log_image(run_id, image_grid(sample["path"], sample["prompt"]), "generated_grid.png")
+    return {"generated": len(ok), "degenerate": len(generated) - len(ok), "path": str(path)}
+
+
+def validate(ctx: StageContext) -> dict[str, Any]:
+    """Accept or reject each generated image; labels to ``validate/labels/``, table to ``validated.parquet``."""
+    from tasks.grids import image_grid
+    from tasks.validation import load_detector, summarize_validation, validate_images
+
+    generated = ctx.read_table("generate", "generated.parquet")
+    with ctx.stage_run("validate") as run_id:
+        detector = load_detector(ctx.params.validate_.model)
+        ctx.tracker.set_tags(run_id, {"validator.model": detector.path, "validator.hash": detector.model_hash})
+        labels = ctx.out("validate", "labels")
+        shutil.rmtree(labels, ignore_errors=True)  # labels are per run; stale ones would mislead
+        validated = validate_images(
+            detector, generated, ctx.params.validate_, class_names(ctx.params), labels, ctx.ws.detections,
+            ctx.progress,
+        )  # fmt: skip
+        path = ctx.out("validate", "validated.parquet")
+        write_parquet_atomic(validated, path)
+        metrics = summarize_validation(validated)
+        ctx.tracker.log_metrics(run_id, metrics)
+        ctx.tracker.log_artifact(run_id, path)
+        accepted = validated[validated["accepted"]].head(GRID_SIZE)
+        if len(accepted):
+            captions = [f"{c} {p:.2f}" for c, p in zip(accepted["class"], accepted["confidence"], strict=True)]
+            ctx.tracker.log_image(run_id, image_grid(accepted["path"], captions), "accepted_grid.png")
+        rejected = validated[~validated["accepted"] & (validated["path"] != "")].head(GRID_SIZE)
+        if len(rejected):
+            captions = [f"{c}: {r}" for c, r in zip(rejected["class"], rejected["reject_reason"], strict=True)]
+            ctx.tracker.log_image(run_id, image_grid(rejected["path"], captions), "rejected_grid.png")
+    return {"accepted": int(metrics["accepted"]), "validated": len(validated),
+            "acceptance_rate": metrics["acceptance_rate"], "path": str(path)}  # fmt: skip
+
+
+def dataset(ctx: StageContext) -> dict[str, Any]:
+    """Assemble the accepted images into a YOLO dataset at ``dataset/``."""
+    from tasks.dataset import build_dataset
+
+    validated = ctx.read_table("validate", "validated.parquet")
+    with ctx.stage_run("dataset") as run_id:
+        result = build_dataset(validated, class_names(ctx.params), ctx.params.dataset, ctx.out("dataset"))
+        ctx.tracker.log_metrics(run_id, {"train": result.train, "val": result.val, "synthetic": result.synthetic,
+                                         "real": result.real})  # fmt: skip
+        ctx.tracker.log_artifact(run_id, result.data_yaml)
+        ctx.tracker.log_artifact(run_id, result.path / "manifest.parquet")
+    return {"train": result.train, "val": result.val, "synthetic": result.synthetic, "real": result.real,
+            "path": str(result.path)}  # fmt: skip
+
+
+def registry_and_remote(ctx: StageContext) -> tuple[Path, str]:
+    cfg = ctx.params.version
+    return (cfg.registry or ctx.ws.registry), (cfg.remote or str(ctx.ws.remote.resolve()))
+
+
+def version(ctx: StageContext) -> dict[str, Any]:
+    """Version ``dataset/`` in the DVC data registry; the version goes to ``version/version.json``."""
+    from tasks.versioning import version_dataset
+
+    source = ctx.out("dataset")
+    if not (source / "data.yaml").is_file():
+        raise FileNotFoundError(f"{source}: missing; run the dataset stage first")
+    registry, remote = registry_and_remote(ctx)
+    with ctx.stage_run("version") as run_id:
+        made = version_dataset(source, ctx.params.dataset.name, registry, remote, push=ctx.params.version.push,
+                               message=f"run {ctx.params.run_name}")  # fmt: skip
+        record = {**made.__dict__, "registry": str(registry), "remote": remote}
+        write_text_atomic(ctx.out("version", "version.json"), json.dumps(record, indent=2))
+        ctx.tracker.set_tags(run_id, {"dataset.version": made.tag, "dataset.md5": made.dvc_md5})
+        ctx.tracker.log_metrics(run_id, {"files": made.files, "version": made.number, "pushed": int(made.pushed)})
+        if ctx.parent_run:
+            ctx.tracker.set_tags(ctx.parent_run, {"dataset.version": made.tag, "dataset.md5": made.dvc_md5})
+    return record
+
+
+def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str, Any]:
+    """Fine-tune on a dataset version (this run's, or ``dataset_version``) and register the model."""
+    from tasks.finetune import finetune_detector
+    from tasks.versioning import checkout_version, resolve_version
+
+    registry, _ = registry_and_remote(ctx)
+    name = ctx.params.dataset.name
+    if dataset_version is None:
+        version_file = ctx.out("version", "version.json")
+        dataset_version = json.loads(version_file.read_text())["tag"] if version_file.is_file() else "latest"
+    made = resolve_version(registry, dataset_version, name=name)
+    cfg = ctx.params.finetune
+    out = ctx.out("finetune")
+    with ctx.stage_run("finetune") as run_id:
+        data = out / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        checkout_version(registry, made.tag, data, name=name)
+        ctx.tracker.set_tags(run_id, {"dataset.version": made.tag, "dataset.md5": made.dvc_md5})
+
+        def on_epoch(epoch: int, figures: dict[str, float]) -> None:
+            ctx.tracker.log_metrics(run_id, figures, step=epoch)
+
+        result = finetune_detector(cfg, data / "data.yaml", out, on_epoch=on_epoch)
+        ctx.tracker.log_metrics(run_id, {**result.metrics, **{f"mAP50-95.{k}": v for k, v in result.per_class.items()}})
+        for plot in result.plots:
+            ctx.tracker.log_artifact(run_id, plot, "plots")
+        ctx.tracker.log_artifact(run_id, result.weights, "weights")
+        model_version = ctx.tracker.register_model(run_id, result.weights, cfg.registered_model,
+                                                   tags={"dataset.version": made.tag})  # fmt: skip
+        summary = {**result.metrics, "per_class": result.per_class, "weights": str(result.weights),
+                   "dataset_version": made.tag, "registered_model": cfg.registered_model,
+                   "model_version": model_version}  # fmt: skip
+        write_text_atomic(ctx.out("finetune", "metrics.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+STAGE_FUNCTIONS = {"prompts": prompts, "generate": generate, "validate": validate, "dataset": dataset,
+                   "version": version, "finetune": finetune}  # fmt: skip

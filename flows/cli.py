@@ -50,6 +50,8 @@ def _fail(exc: BaseException, debug: bool) -> None:
 def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
     """Run ``work``; expected errors become one line each on stderr and a non-zero exit."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "mlflow.store.db.utils", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return work()
     except EXPECTED_ERRORS as exc:
@@ -157,9 +159,9 @@ assert tuple(c.name for c in app.registered_commands if c.name in STAGES) == STA
 def _registry(params: Path, workspace: Path | None) -> tuple[Path, str, str]:
     overrides = {"workspace": str(workspace)} if workspace else None
     loaded = load_params(params, overrides)
-    ws = Workspace(Path(loaded.workspace))
-    remote = loaded.version.remote or str(ws.remote.resolve())
-    return (loaded.version.registry or ws.registry), remote, loaded.dataset.name
+    ws = Workspace(Path(loaded.workspace).resolve())
+    remote = loaded.version.remote or str(ws.remote)
+    return (loaded.version.registry or ws.registry).resolve(), remote, loaded.dataset.name
 
 
 @datasets_app.command("list")
@@ -191,7 +193,7 @@ def datasets_checkout(
 
     def work() -> Path:
         registry, _, name = _registry(params, workspace)
-        return checkout_version(registry, version, to, name=name)
+        return checkout_version(registry, version, to.resolve(), name=name)
 
     typer.echo(f"restored {version} into {_guarded(debug, work)}")
 
@@ -223,13 +225,15 @@ def tiny_models(
     """Build tiny random-weight models from configs (a diffusers pipeline and a YOLO26n detector)."""
 
     def work() -> None:
+        import tempfile
+
         from flows.env import configure_environment
 
-        configure_environment(Workspace(out / ".workspace"))
+        configure_environment(Workspace(Path(tempfile.mkdtemp(prefix="synthdet-"))))  # tool state only
         from tasks.tiny_models import build_tiny_detector, build_tiny_pipeline
 
         names = [c.strip() for c in classes.split(",") if c.strip()]
-        build_tiny_pipeline(out / "generator", vocabulary=None, seed=seed)
+        build_tiny_pipeline(out / "generator", seed=seed)
         build_tiny_detector(out / "validator.pt", names, seed=seed)
 
     _guarded(debug, work)

@@ -22,6 +22,8 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
     "DO_NOT_TRACK": "1",
+    # The temporary local Prefect API needs more than the default 20 s on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
@@ -57,8 +59,21 @@ def _switch_off_ultralytics_integrations() -> None:
     # Its MLflow callback would join (and end) whatever run is active and log 100+ params to it.
     from ultralytics.utils import SETTINGS
 
-    wanted = {key: False for key in ("mlflow", "sync", "dvc", "tensorboard", "wandb", "clearml", "comet", "neptune",
-                                     "raytune", "hub")  # fmt: skip
-              if key in SETTINGS}
+    wanted = {
+        key: False
+        for key in (
+            "mlflow",
+            "sync",
+            "dvc",
+            "tensorboard",
+            "wandb",
+            "clearml",
+            "comet",
+            "neptune",
+            "raytune",
+            "hub",
+        )  # fmt: skip
+        if key in SETTINGS
+    }
     if any(SETTINGS.get(key) for key in wanted):
         SETTINGS.update(wanted)

@@ -31,7 +31,7 @@ def open_context(params_path: str, workspace: str | None, progress: bool = True)
     """Load params, set up the workspace's environment and tracking."""
     overrides = {"workspace": workspace} if workspace else None
     params = load_params(params_path, overrides)
-    ws = Workspace(Path(params.workspace), params.run_name)
+    ws = Workspace(Path(params.workspace).resolve(), params.run_name)
     configure_environment(ws)
     uri = tracking_uri(ws)
     artifacts = ws.mlflow_artifacts.resolve().as_uri() if uri == ws.mlflow_uri else None
@@ -61,7 +61,8 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
         numbers = {f"{stage}.{key}": value for stage, result in summary.items() if isinstance(result, dict)
                    for key, value in result.items() if isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
         ctx.tracker.log_metrics(parent, numbers)
-    summary["mlflow_run_ids"] = dict(ctx.run_ids)
+        summary["mlflow_run_ids"] = dict(ctx.run_ids)
+        ctx.tracker.log_dict(parent, summary, "summary.json")
     return summary
 
 

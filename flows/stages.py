@@ -135,14 +135,20 @@ def validate(ctx: StageContext) -> dict[str, Any]:
         metrics = summarize_validation(validated)
         ctx.tracker.log_metrics(run_id, metrics)
         ctx.tracker.log_artifact(run_id, path)
+        # The grids go to the flow's run too: the first thing a reviewer opens.
+        runs = [run_id, ctx.parent_run] if ctx.parent_run else [run_id]
         accepted = validated[validated["accepted"]].head(GRID_SIZE)
         if len(accepted):
             captions = [f"{c} {p:.2f}" for c, p in zip(accepted["class"], accepted["confidence"], strict=True)]
-            ctx.tracker.log_image(run_id, image_grid(accepted["path"], captions), "accepted_grid.png")
+            grid = image_grid(accepted["path"], captions)
+            for run in runs:
+                ctx.tracker.log_image(run, grid, "accepted_grid.png")
         rejected = validated[~validated["accepted"] & (validated["path"] != "")].head(GRID_SIZE)
         if len(rejected):
             captions = [f"{c}: {r}" for c, r in zip(rejected["class"], rejected["reject_reason"], strict=True)]
-            ctx.tracker.log_image(run_id, image_grid(rejected["path"], captions), "rejected_grid.png")
+            grid = image_grid(rejected["path"], captions)
+            for run in runs:
+                ctx.tracker.log_image(run, grid, "rejected_grid.png")
     return {"accepted": int(metrics["accepted"]), "validated": len(validated),
             "acceptance_rate": metrics["acceptance_rate"], "path": str(path)}  # fmt: skip
 
@@ -164,7 +170,7 @@ def dataset(ctx: StageContext) -> dict[str, Any]:
 
 def registry_and_remote(ctx: StageContext) -> tuple[Path, str]:
     cfg = ctx.params.version
-    return (cfg.registry or ctx.ws.registry), (cfg.remote or str(ctx.ws.remote.resolve()))
+    return (cfg.registry or ctx.ws.registry).resolve(), (cfg.remote or str(ctx.ws.remote))
 
 
 def version(ctx: StageContext) -> dict[str, Any]:

@@ -100,8 +100,7 @@ class PromptsConfig(Section):
             missing = fields - known
             if missing:
                 raise ValueError(
-                    f"template {template!r} uses {sorted(missing)} but no such axis exists "
-                    f"(axes: {sorted(self.axes)})"
+                    f"template {template!r} uses {sorted(missing)} but no such axis exists (axes: {sorted(self.axes)})"
                 )
         for c in self.classes:
             if c.count is None and self.total is None:

@@ -109,9 +109,7 @@ def find_real_images(real_dir: Path, num_classes: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_dataset(
-    validated: pd.DataFrame, class_names: list[str], cfg: DatasetConfig, out_dir: Path
-) -> DatasetResult:
+def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetConfig, out_dir: Path) -> DatasetResult:
     """Write a YOLO dataset of the accepted images, plus real ones at ``cfg.real_ratio``.
 
     Args:

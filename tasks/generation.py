@@ -90,7 +90,7 @@ def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
 
     model_dir = resolve_model_dir(cfg.model)
     pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-        model_dir, torch_dtype=getattr(torch, cfg.dtype), local_files_only=True, use_safetensors=True
+        model_dir, dtype=getattr(torch, cfg.dtype), local_files_only=True, use_safetensors=True
     )
     if cfg.scheduler:
         scheduler_cls = getattr(diffusers, cfg.scheduler, None)

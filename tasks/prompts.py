@@ -100,9 +100,7 @@ def _quotas(cfg: PromptsConfig) -> list[int]:
         return quotas
     share = cfg.total - sum(quotas)  # config guarantees total is set when some class has no count
     if share < 0:
-        raise ValueError(
-            f"prompts.total: {cfg.total} is less than the {sum(quotas)} prompts the counts ask for"
-        )
+        raise ValueError(f"prompts.total: {cfg.total} is less than the {sum(quotas)} prompts the counts ask for")
     weights = [cfg.classes[i].weight or 1.0 for i in weighted]
     exact = [share * w / sum(weights) for w in weights]
     floors = [math.floor(x) for x in exact]
@@ -162,9 +160,7 @@ def _check_text(where: str, text: str) -> None:
     # format or unassigned character is invisible in logs and changes the text encoder's tokens.
     bad = [c for c in text if unicodedata.category(c).startswith("C") and not c.isspace()]
     if bad:
-        raise ValueError(
-            f"{where}: contains control character(s) {', '.join(f'U+{ord(c):04X}' for c in bad)}"
-        )
+        raise ValueError(f"{where}: contains control character(s) {', '.join(f'U+{ord(c):04X}' for c in bad)}")
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:

@@ -110,6 +110,9 @@ class Tracker:
         """A table MLflow's UI can show and compare (JSON), e.g. the prompt table."""
         self.client.log_table(run_id, data=table, artifact_file=artifact_file)
 
+    def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(run_id, data, artifact_file)
+
     def log_image(self, run_id: str, image: Any, artifact_file: str) -> None:
         """A PIL image, e.g. a grid of accepted or rejected samples."""
         self.client.log_image(run_id, image, artifact_file=artifact_file)

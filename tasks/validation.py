@@ -63,7 +63,9 @@ def load_detector(path: str, field: str = "validate.model") -> LoadedDetector:
     return LoadedDetector(model, path, digest)
 
 
-def resolve_class_map(class_names: list[str], detector_names: list[str], class_map: dict[str, list[str]]) -> dict[str, int]:
+def resolve_class_map(
+    class_names: list[str], detector_names: list[str], class_map: dict[str, list[str]]
+) -> dict[str, int]:
     """Map each detector class name that stands for a dataset class to that class's id.
 
     Raises:
@@ -100,9 +102,7 @@ def detect(
     key = _settings_key(detector, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached = [cache_dir / f"{p.stem}.{key}.json" for p in paths]
-    results: list[list[dict[str, Any]] | None] = [
-        json.loads(c.read_text()) if c.is_file() else None for c in cached
-    ]
+    results: list[list[dict[str, Any]] | None] = [json.loads(c.read_text()) if c.is_file() else None for c in cached]
     todo = [i for i, r in enumerate(results) if r is None]
     bar = tqdm(total=len(todo), desc="validate", unit="img", disable=not progress)
     for start in range(0, len(todo), cfg.batch):
@@ -130,6 +130,7 @@ def judge(
     class_names: list[str], cfg: ValidateConfig,
 ) -> str:  # fmt: skip
     """The reason to reject an image, or "" to accept it. Detections are already above ``cfg.conf``."""
+
     def shown(d: dict[str, Any]) -> str:
         return f"{d['name']} {d['conf']:.2f}"
 
@@ -195,8 +196,10 @@ def validate_images(
     accepted, reasons, confidence, counts, dumps, label_paths = [], [], [], [], [], []
     for index, row in generated.iterrows():
         found = by_row.get(index, [])
-        reason = judge(found, row["class"], detector_to_dataset, class_names, cfg) if ok[index] else (
-            f"not generated: {row['reason']}"
+        reason = (
+            judge(found, row["class"], detector_to_dataset, class_names, cfg)
+            if ok[index]
+            else (f"not generated: {row['reason']}")
         )
         hits = [d["conf"] for d in found if detector_to_dataset.get(d["name"]) == class_names.index(row["class"])]
         label = labels_dir / f"{row['image_id']}.txt"

@@ -16,6 +16,13 @@ def test_params_sections_are_the_stages() -> None:
     assert [s for s in sections if s not in ("workspace", "run_name")] == list(STAGES)
 
 
+def test_params_files_spell_out_every_section() -> None:
+    # dvc.yaml declares each stage's section as a parameter: DVC refuses a file that leaves one out.
+    for name in ("params.yaml", "params.smoke.yaml"):
+        raw = yaml.safe_load((ROOT / name).read_text())
+        assert [s for s in STAGES if s not in raw] == [], name
+
+
 def test_dvc_stages_call_the_cli_subcommand_of_the_same_name() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)

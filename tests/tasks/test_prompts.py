@@ -110,9 +110,7 @@ def test_prompt_id_hashes_prompt_negative_prompt_and_seed() -> None:
 def test_weighted_sampling_favours_heavy_values() -> None:
     # 2 x 50 = 100 cells, half of them with the 9x value; 40 draws without replacement.
     axes = {"tone": {"heavy": 9.0, "light": 1.0}, "n": {f"v{i}": 1.0 for i in range(50)}}
-    frame = expand_prompts(
-        make(classes=[{"name": "cat", "count": 40}], axes=axes, templates=["{tone} {n} {phrase}"])
-    )
+    frame = expand_prompts(make(classes=[{"name": "cat", "count": 40}], axes=axes, templates=["{tone} {n} {phrase}"]))
     counts = frame["tone"].value_counts()
     assert counts["heavy"] >= 3 * counts.get("light", 0)  # uniform sampling would give about 20 / 20
     assert counts["heavy"] + counts.get("light", 0) == 40
@@ -217,9 +215,7 @@ def test_control_characters_are_rejected(overrides: dict[str, Any], where: str) 
 
 
 def test_newlines_in_a_template_are_collapsed_not_rejected() -> None:
-    frame = expand_prompts(
-        make(classes=[{"name": "cat", "count": 1}], axes={}, templates=["a photo\n of\t{phrase}\n"])
-    )
+    frame = expand_prompts(make(classes=[{"name": "cat", "count": 1}], axes={}, templates=["a photo\n of\t{phrase}\n"]))
     assert frame["prompt"].tolist() == ["a photo of cat"]
 
 

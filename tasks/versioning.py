@@ -1,0 +1,314 @@
+"""Dataset versions in a DVC data registry: the only module that runs DVC.
+
+The registry is its own git + DVC repository, never the user's code repository::
+
+    <registry>/
+      datasets/<name>/        the latest content of a dataset (DVC-tracked, git-ignored)
+      datasets/<name>.dvc     its md5 and file count, committed once per version
+      .dvc/config             default remote 'storage'; .dvc/config.local holds site_cache_dir
+
+A version is one commit plus an annotated tag ``<name>-v<N>``. Whether its data reached the remote
+is recorded as a git note on the version's commit under ``refs/notes/synthdet-pushed``: notes live in
+the registry's own git database, survive clones that fetch them, and need no file of our own.
+One writer at a time: two processes versioning into the same registry at once are not supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from tasks.config import NAME_PATTERN
+
+logger = logging.getLogger(__name__)
+
+REMOTE = "storage"
+NOTES_REF = "synthdet-pushed"
+# A copy of one version's .dvc file is pushed from here: DVC refuses targets inside .dvc/, and using
+# a copy (not the tracked file) lets us push any old version without touching the working tree. It lives
+# only during the push and is not git-ignored, because DVC also refuses git-ignored .dvc files.
+PUSH_DIR = ".synthdet-push"
+TAG_PATTERN = re.compile(r"^(?P<name>.+)-v(?P<number>[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """One version of one dataset in the registry."""
+
+    name: str
+    number: int
+    tag: str
+    git_rev: str
+    dvc_md5: str
+    files: int
+    pushed: bool
+    created: str
+
+
+class VersioningError(RuntimeError):
+    """A registry, version or git/DVC command that failed; the message names which."""
+
+
+def open_registry(registry: Path, remote: str) -> Path:
+    """Create the registry if missing, or check an existing one. Idempotent.
+
+    A new registry is built in a temporary sibling directory and renamed into place, so a crash never
+    leaves a git repository without DVC. An existing registry whose remote differs from ``remote`` is
+    re-pointed (and the config change committed), which is how an unreachable remote gets fixed.
+
+    Args:
+        registry: the registry directory (missing or empty: created).
+        remote: any DVC remote URL; a local path is made absolute and created.
+
+    Returns:
+        The registry's absolute path.
+    """
+    registry = Path(registry).absolute()
+    if "://" not in remote:
+        remote = str(Path(remote).expanduser().resolve())
+        try:
+            Path(remote).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # push will fail and say so; versioning itself still works
+            logger.warning("cannot create the DVC remote directory %s: %s", remote, exc)
+    if registry.exists() and not registry.is_dir():
+        raise VersioningError(f"{registry}: is a file, not a data registry directory")
+    if registry.is_dir() and any(registry.iterdir()):
+        if not (registry / ".git").is_dir():
+            raise VersioningError(f"{registry}: not a data registry (expected a git repository, found none)")
+        if not (registry / ".dvc").is_dir():
+            raise VersioningError(f"{registry}: a git repository without DVC (.dvc/ missing); not a data registry")
+        # --project: a URL the user overrides in config.local is theirs and must not cause a commit each call.
+        current = _dvc(registry, "config", "--project", f"remote.{REMOTE}.url", check=False).stdout.strip()
+        if current != remote:
+            _dvc(registry, "remote", "add", "--project", "--default", "--force", REMOTE, remote)
+            if _git(registry, "status", "--porcelain", "--", ".dvc/config").stdout.strip():
+                _git(registry, "add", ".dvc/config")
+                _git(registry, "commit", "-q", "-m", f"registry: remote {REMOTE} changed")
+            logger.info("registry %s: remote %s is now %s", registry, REMOTE, remote)
+    else:
+        registry.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{registry.name}.", dir=registry.parent))
+        try:
+            _git(build, "init", "-q", "-b", "main")
+            for key, value in [
+                ("user.name", "synthdet"),
+                ("user.email", "synthdet"),
+                ("commit.gpgsign", "false"),
+                ("tag.gpgsign", "false"),
+            ]:
+                _git(build, "config", key, value)
+            _dvc(build, "init", "-q")
+            _dvc(build, "config", "core.analytics", "false")
+            _dvc(build, "remote", "add", "--default", REMOTE, remote)
+            _git(build, "add", ".")
+            _git(build, "commit", "-q", "-m", "registry: initialise")
+            os.replace(build, registry)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        logger.info("created data registry %s (remote %s)", registry, remote)
+    if not (registry / ".dvc" / "config.local").exists():
+        # DVC resolves site_cache_dir against the current directory, not the config file: keep it absolute.
+        _dvc(registry, "config", "--local", "core.site_cache_dir", str(_site_cache(registry)))
+    return registry
+
+
+def version_dataset(
+    dataset_dir: Path, name: str, registry: Path, remote: str, push: bool = True, message: str = ""
+) -> DatasetVersion:
+    """Record ``dataset_dir`` as the next version of ``name``, unless it equals the latest version.
+
+    Writes ``datasets/<name>/`` (a copy; symlinks are followed), its ``.dvc`` file, a commit and the tag
+    ``<name>-v<N>`` in the registry, then pushes to the remote. Safe to call again after a crash at any
+    step: work already done is found and finished, never duplicated.
+
+    Args:
+        dataset_dir: the dataset folder; it is only read.
+        name: the dataset name, also the tag prefix.
+        registry: the registry directory (created if missing).
+        remote: the DVC remote URL (see :func:`open_registry`).
+        push: push the data; a failed push logs a warning and returns ``pushed=False``.
+        message: appended to the commit and tag message.
+
+    Returns:
+        The new version, or the latest one if the content is identical to it.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise VersioningError(f"dataset name {name!r} is not a valid name (pattern {NAME_PATTERN})")
+    if not dataset_dir.is_dir():
+        raise VersioningError(f"{dataset_dir}: dataset directory not found")
+    registry = open_registry(registry, remote)
+    _replace_tree(dataset_dir, registry / "datasets" / name, registry / ".dvc" / "tmp" / "synthdet-staging")
+    _dvc(registry, "add", "-q", f"datasets/{name}")
+    md5 = _read_dvc_file((registry / "datasets" / f"{name}.dvc").read_text())[0]
+
+    versions = list_versions(registry, name)
+    if versions and versions[-1].dvc_md5 == md5:
+        version = versions[-1]
+        logger.info("%s: identical to %s, nothing new to version", dataset_dir, version.tag)
+    else:
+        tag = f"{name}-v{max((v.number for v in versions), default=0) + 1}"
+        text = f"{tag}: {message}" if message else tag
+        paths = [f"datasets/{name}.dvc", "datasets/.gitignore"]
+        changed = _git(registry, "status", "--porcelain", "--", *paths).stdout.strip()
+        head_tagged = _git(registry, "tag", "--points-at", "HEAD").stdout.strip()
+        if changed or head_tagged:
+            _git(registry, "add", "--", *paths)
+            _git(registry, "commit", "-q", "--allow-empty", "-m", text)
+        # else: HEAD is a commit of this very content left untagged by a call that died; tag it.
+        _git(registry, "tag", "-a", tag, "-m", text)
+        version = resolve_version(registry, tag)
+        logger.info("versioned %s as %s (%d files)", dataset_dir, tag, version.files)
+    if push and not version.pushed:
+        try:
+            version = push_version(registry, version.tag)
+        except VersioningError as exc:
+            logger.warning("%s is saved locally but was not pushed to remote %s: %s", version.tag, remote, exc)
+    return version
+
+
+def list_versions(registry: Path, name: str | None = None) -> list[DatasetVersion]:
+    """All versions in the registry (only those of ``name`` if given), oldest first."""
+    registry = Path(registry)
+    fields = "%(refname:short)%09%(objectname)%09%(*objectname)%09%(*committerdate:iso-strict)"
+    refs = _git(registry, "for-each-ref", f"--format={fields}", "refs/tags").stdout.splitlines()
+    pushed = {line.split()[1] for line in _git(registry, "notes", f"--ref={NOTES_REF}", "list").stdout.splitlines()}
+    versions = []
+    for line in refs:
+        tag, rev, peeled, created = line.split("\t")
+        match = TAG_PATTERN.match(tag)
+        if not match or (name is not None and match["name"] != name):
+            continue
+        rev = peeled or rev  # annotated tags point at a tag object; we want its commit
+        dvc_text = _git(registry, "show", f"{rev}:datasets/{match['name']}.dvc").stdout
+        md5, files = _read_dvc_file(dvc_text)
+        created = created or _git(registry, "show", "-s", "--format=%cI", rev).stdout.strip()
+        versions.append(
+            DatasetVersion(match["name"], int(match["number"]), tag, rev, md5, files, rev in pushed, created)
+        )
+    if not versions:
+        return []
+    order = _git(registry, "rev-list", "--topo-order", "--reverse", "--tags").stdout.split()
+    position = {rev: i for i, rev in enumerate(order)}
+    return sorted(versions, key=lambda v: (position.get(v.git_rev, -1), v.name, v.number))
+
+
+def resolve_version(registry: Path, ref: str, name: str | None = None) -> DatasetVersion:
+    """The version named by a tag (``synthetic-v2``) or by ``latest`` (which needs ``name``)."""
+    versions = list_versions(registry, name)
+    if ref == "latest":
+        if name is None:
+            raise VersioningError("ref 'latest' needs a dataset name")
+        if versions:
+            return versions[-1]
+    else:
+        for version in versions:
+            if version.tag == ref:
+                return version
+    available = ", ".join(v.tag for v in versions) or "none"
+    raise VersioningError(f"no dataset version {ref!r} in registry {registry}; available tags: {available}")
+
+
+def checkout_version(registry: Path, ref: str, dest: Path, name: str | None = None) -> Path:
+    """Restore a version's files byte for byte into ``dest``, from the local cache or else the remote.
+
+    Args:
+        dest: a missing or empty directory; filled atomically (a temporary sibling, then a rename).
+
+    Returns:
+        ``dest``.
+    """
+    registry, dest = Path(registry).absolute(), Path(dest)
+    version = resolve_version(registry, ref, name)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise VersioningError(f"{dest}: checkout destination exists and is not an empty directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        _dvc(registry, "get", str(registry), f"datasets/{version.name}", "--rev", version.tag, "-o", str(work / "data"))
+        os.replace(work / "data", dest)  # replaces an empty dest directory too
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("checked out %s into %s", version.tag, dest)
+    return dest
+
+
+def push_version(registry: Path, ref: str, name: str | None = None) -> DatasetVersion:
+    """Push one version's data to the registry's current remote and record it as pushed.
+
+    Raises:
+        VersioningError: the push failed, or the local cache lacks some of the version's files.
+    """
+    registry = Path(registry).absolute()
+    version = resolve_version(registry, ref, name)
+    target = registry / PUSH_DIR / f"{version.name}.dvc"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(_git(registry, "show", f"{version.git_rev}:datasets/{version.name}.dvc").stdout)
+    try:
+        result = _dvc(registry, "push", str(target.relative_to(registry)))
+    finally:
+        target.unlink(missing_ok=True)
+    # DVC only warns (exit 0) when a file is neither in the cache nor on the remote.
+    if "Missing cache files" in result.stderr + result.stdout:
+        raise VersioningError(f"{version.tag}: the local cache of {registry} lacks files: {result.stderr[-500:]}")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    _git(registry, "notes", f"--ref={NOTES_REF}", "add", "-f", "-m", f"pushed to {REMOTE} {stamp}", version.git_rev)
+    logger.info("pushed %s to remote %s", version.tag, REMOTE)
+    return replace(version, pushed=True)
+
+
+def _replace_tree(source: Path, target: Path, staging: Path) -> None:
+    """Make ``target`` a copy of ``source``, swapping it in whole so a crash never leaves a mix."""
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a call that died
+    shutil.copytree(source, staging / "new")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        os.replace(target, staging / "old")
+    os.replace(staging / "new", target)
+    shutil.rmtree(staging)
+
+
+def _read_dvc_file(text: str) -> tuple[str, int]:
+    """The (md5, nfiles) of the single output in a .dvc file's text."""
+    out = yaml.safe_load(text)["outs"][0]
+    return out["md5"], int(out.get("nfiles", 1))
+
+
+def _site_cache(registry: Path) -> Path:
+    return registry / ".dvc" / "tmp" / "site_cache"
+
+
+def _git(registry: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run(["git", *args], registry, check)
+
+
+def _dvc(registry: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "dvc", *args], registry, check)
+
+
+def _run(command: list[str], registry: Path, check: bool) -> subprocess.CompletedProcess[str]:
+    if not registry.is_dir():
+        raise VersioningError(f"{registry}: data registry not found")
+    # DVC_SITE_CACHE_DIR keeps DVC's state out of /var/tmp even for `dvc get` and unfinished registries.
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "DVC_SITE_CACHE_DIR": str(_site_cache(registry)),
+    }
+    result = subprocess.run(command, cwd=registry, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        shown = " ".join(["dvc", *command[3:]] if command[0] == sys.executable else command)
+        tail = (result.stderr.strip() or result.stdout.strip())[-1500:]
+        raise VersioningError(f"`{shown}` failed in {registry} (exit {result.returncode}): {tail}")
+    return result

@@ -1,0 +1,43 @@
+"""MLflow tracking through the run-id API, on a real SQLite store."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.tracking import Tracker, flatten
+
+
+@pytest.fixture
+def tracker(tmp_path: Path) -> Tracker:
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "artifacts").as_uri())
+
+
+def test_flatten_nested_params() -> None:
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    assert len(flatten({"long": "x" * 10000})["long"]) == 6000
+
+
+def test_nested_runs_with_params_metrics_artifacts(tracker: Tracker, tmp_path: Path) -> None:
+    with tracker.run("pipeline", tags={"synthdet.flow": "pipeline"}) as parent, tracker.run("prompts", parent) as child:
+        tracker.log_params(child, {"seed": 0, "axes": {"colour": {"red": 1}}})
+        tracker.log_metrics(child, {"prompts": 12, "bad": float("nan"), "metrics/mAP50(B)": 0.5}, step=3)
+        tracker.log_table(child, pd.DataFrame({"prompt": ["a", "b"]}), "prompts.json")
+        tracker.log_image(child, Image.new("RGB", (8, 8)), "grid.png")
+        (tmp_path / "f.txt").write_text("x")
+        tracker.log_artifact(child, tmp_path / "f.txt", "files")
+    run = tracker.get_run(child)
+    assert run.info.status == "FINISHED" and run.info.run_name == "prompts"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params == {"seed": "0", "axes.colour.red": "1"}
+    assert run.data.metrics == {"prompts": 12.0, "metrics/mAP50_B_": 0.5}  # NaN dropped, key made legal
+    paths = {a.path for a in tracker.client.list_artifacts(child)}
+    assert {"prompts.json", "grid.png", "files"} <= paths
+    assert (tmp_path / "artifacts").is_dir()
+
+
+def test_a_failing_block_marks_the_run_failed(tracker: Tracker) -> None:
+    with pytest.raises(RuntimeError), tracker.run("generate") as run_id:
+        raise RuntimeError("boom")
+    assert tracker.get_run(run_id).info.status == "FAILED"

@@ -1,0 +1,67 @@
+"""validate on a tiny real YOLO26n (random weights: it scores every image alike, class 0 only)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.config import ValidateConfig
+from tasks.validation import load_detector, validate_images
+
+CLASSES = ["circle", "square"]
+
+
+@pytest.fixture
+def generated(tmp_path: Path) -> pd.DataFrame:
+    rows = []
+    for i in range(4):
+        path = tmp_path / "images" / f"id{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(path)
+        rows.append({"image_id": f"id{i}", "class": CLASSES[i % 2], "path": str(path), "status": "ok", "reason": ""})
+    rows.append({"image_id": "id9", "class": "circle", "path": "", "status": "rejected", "reason": "constant image"})
+    return pd.DataFrame(rows)
+
+
+def test_accepts_intended_class_labels_it_and_caches_detections(
+    tiny_models: dict[str, Path], generated: pd.DataFrame, tmp_path: Path
+) -> None:
+    detector = load_detector(str(tiny_models["validator"]))
+    cfg = ValidateConfig(model="x", conf=0.005, imgsz=64, batch=2)
+    table = validate_images(detector, generated, cfg, CLASSES, tmp_path / "labels", tmp_path / "cache", progress=False)
+
+    assert list(table["accepted"]) == [True, False, True, False, False]
+    assert table["reject_reason"][1].startswith("no square at conf >= 0.005")
+    assert table["reject_reason"][4] == "not generated: constant image"
+    for row in table[table["accepted"]].itertuples():
+        lines = Path(row.label_path).read_text().splitlines()
+        assert lines and all(line.split()[0] == "0" for line in lines)
+    assert sorted(p.stem for p in (tmp_path / "labels").iterdir()) == ["id0", "id2"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("detections should come from the cache")
+
+    detector.model.predict = refuse
+    again = validate_images(detector, generated, cfg.model_copy(update={"max_objects": 1}), CLASSES,
+                            tmp_path / "labels", tmp_path / "cache", progress=False)  # fmt: skip
+    assert not again["accepted"].any()  # new rules, same cached detections
+    assert not list((tmp_path / "labels").iterdir()), "labels of images no longer accepted are removed"
+
+
+def test_unmatched_class_fails_before_inference(tiny_models: dict[str, Path], generated: pd.DataFrame,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    detector = load_detector(str(tiny_models["validator"]))
+    detector.model.predict = None  # would raise TypeError if called
+    with pytest.raises(ValueError, match="class 'square' maps to \\['box'\\]"):
+        validate_images(detector, generated, ValidateConfig(model="x", class_map={"square": ["box"]}), CLASSES,
+                        tmp_path / "labels", tmp_path / "cache")  # fmt: skip
+
+
+def test_bad_detector_files_are_named(tmp_path: Path, yolo_env: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="validate.model: .*missing.pt: no such file"):
+        load_detector(str(tmp_path / "missing.pt"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt: not a loadable ultralytics model"):
+        load_detector(str(corrupt))

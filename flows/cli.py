@@ -125,19 +125,23 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 # -- one subcommand per stage -----------------------------------------------------------------
+def _run_stage(params: Path, workspace: Path | None, debug: bool, stage: str, **kwargs: Any) -> None:
+    def work() -> dict:
+        _prepare(params, workspace)
+        from flows import stages
+        from flows.pipeline import open_context
+
+        ctx = open_context(str(params), str(workspace) if workspace else None)
+        return getattr(stages, stage.replace("-", "_"))(ctx, **kwargs)
+
+    typer.echo(json.dumps(_guarded(debug, work), indent=2, default=str))
+
+
 def _stage_command(stage: str, doc: str) -> None:
-    def command(params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None,
-                debug: DebugOption = False) -> None:  # fmt: skip
-        def work() -> dict:
-            _prepare(params, workspace)
-            from flows.pipeline import open_context
-            from flows.stages import STAGE_FUNCTIONS
-
-            ctx = open_context(str(params), str(workspace) if workspace else None)
-            return STAGE_FUNCTIONS[stage](ctx)
-
-        result = _guarded(debug, work)
-        typer.echo(json.dumps(result, indent=2, default=str))
+    def command(
+        params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None, debug: DebugOption = False
+    ) -> None:
+        _run_stage(params, workspace, debug, stage)
 
     command.__doc__ = doc
     app.command(name=stage)(command)
@@ -212,6 +216,47 @@ def datasets_push(
 
     made = _guarded(debug, work)
     typer.echo(f"{made.tag}: {'pushed' if made.pushed else 'NOT pushed'}")
+
+
+# -- the embedded default models --------------------------------------------------------------
+@app.command("world")
+def world(
+    out: Annotated[Path, typer.Option(help="Folder for the data sets.")] = Path("data/world"),
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Render the procedural world's labelled and captioned data sets (params: world)."""
+    _run_stage(params, workspace, debug, "world", out=out)
+
+
+@app.command("train-validator")
+def train_validator(
+    data: Annotated[Path, typer.Option(help="data.yaml to train on.")] = Path("data/world/common_train/data.yaml"),
+    out: Annotated[Path, typer.Option(help="Where the .pt goes.")] = Path("models/validator.pt"),
+    tests: Annotated[Path | None, typer.Option(help="Folder of <condition>/data.yaml test sets.")] = Path(
+        "data/world/test"
+    ),
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Train the default validator, a YOLO26n from its yaml (params: train-validator)."""
+    _run_stage(params, workspace, debug, "train-validator", data=data, out=out, tests=tests)
+
+
+@app.command("train-generator")
+def train_generator(
+    data: Annotated[Path, typer.Option(help="A captioned folder: images/ and captions.parquet.")] = Path(
+        "data/world/captioned"
+    ),
+    out: Annotated[Path, typer.Option(help="Where the diffusers pipeline folder goes.")] = Path("models/generator"),
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Train the default text-to-image latent diffusion model (params: train-generator)."""
+    _run_stage(params, workspace, debug, "train-generator", data=data, out=out)
 
 
 # -- placeholder models -----------------------------------------------------------------------

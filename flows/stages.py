@@ -21,7 +21,7 @@ import pandas as pd
 
 from tasks.config import Params
 from tasks.tracking import Tracker
-from tasks.workspace import Workspace, write_parquet_atomic, write_text_atomic
+from tasks.workspace import Workspace, atomic_path, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,65 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
                    "model_version": model_version}  # fmt: skip
         write_text_atomic(ctx.out("finetune", "metrics.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def world(ctx: StageContext, out: Path) -> dict[str, Any]:
+    """Render the procedural world's "real" data sets under ``out``."""
+    from tasks.world import build_world
+
+    cfg = ctx.params.world
+    with ctx.stage_run("world") as run_id:
+        sets = build_world(out, cfg.seed, cfg.model_dump(exclude={"seed"}))
+        ctx.tracker.log_metrics(run_id, {f"images.{name}": sum(1 for _ in (path / "images").iterdir())
+                                         for name, path in sets.items()})  # fmt: skip
+    return {name: str(path) for name, path in sets.items()}
+
+
+def train_validator(ctx: StageContext, data: Path, out: Path, tests: Path | None = None) -> dict[str, Any]:
+    """Train the default validator (YOLO26n from its yaml) on ``data``; copy its weights to ``out``.
+
+    Evaluates it on every ``<tests>/<condition>/data.yaml`` too, when ``tests`` is given.
+    """
+    from tasks.finetune import evaluate_detector, finetune_detector
+
+    cfg = ctx.params.train_validator
+    work = ctx.out("train-validator")
+    with ctx.stage_run("train-validator") as run_id:
+
+        def on_epoch(epoch: int, figures: dict[str, float]) -> None:
+            ctx.tracker.log_metrics(run_id, figures, step=epoch)
+
+        result = finetune_detector(cfg, data, work, on_epoch=on_epoch)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            shutil.copyfile(result.weights, tmp)
+        figures: dict[str, float] = {f"val.{k}": v for k, v in result.metrics.items()}
+        for test in sorted(tests.glob("*/data.yaml")) if tests else []:
+            metrics, _ = evaluate_detector(out, test, "val", cfg, work / "tests" / test.parent.name)
+            figures[f"test.{test.parent.name}.mAP50-95"] = metrics["mAP50-95"]
+        figures["size_mb"] = out.stat().st_size / 1e6
+        ctx.tracker.log_metrics(run_id, figures)
+        ctx.tracker.log_artifact(run_id, out, "weights")
+    return {**figures, "path": str(out)}
+
+
+def train_generator(ctx: StageContext, data: Path, out: Path) -> dict[str, Any]:
+    """Train the default latent diffusion model on a captioned folder; save the pipeline at ``out``."""
+    from tasks.train_generator import load_captioned
+    from tasks.train_generator import train_generator as train
+
+    images, captions = load_captioned(data)
+    with ctx.stage_run("train-generator") as run_id:
+        ctx.tracker.set_tags(run_id, {"data": str(data), "images": len(images)})
+
+        def on_step(phase: str, step: int, loss: float) -> None:
+            ctx.tracker.log_metrics(run_id, {f"{phase}_loss": loss}, step=step)
+
+        result = train(images, captions, ctx.params.train_generator, out, ctx.progress, on_step)
+        figures = {"vae_seconds": result.vae_seconds, "unet_seconds": result.unet_seconds,
+                   "size_mb": result.size_bytes / 1e6, "images": len(images)}  # fmt: skip
+        ctx.tracker.log_metrics(run_id, figures)
+    return {**figures, "path": str(result.path)}
 
 
 STAGE_FUNCTIONS = {"prompts": prompts, "generate": generate, "validate": validate, "dataset": dataset,

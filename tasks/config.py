@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # The stage names: one vocabulary for params.yaml sections, CLI subcommands, Prefect task names,
 # dvc.yaml stages and MLflow run names.
 STAGES = ("prompts", "generate", "validate", "dataset", "version", "finetune")
+# Stages that make the embedded default models; they run once, not in every pipeline run.
+TRAINING_STAGES = ("world", "train-generator", "train-validator")
 
 # A name that ends up in a path, a git tag or a column: no separators, no "..", no spaces.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -204,6 +206,48 @@ class FinetuneConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# world, train-generator, train-validator (the embedded default)
+# ---------------------------------------------------------------------------------------------
+class WorldConfig(Section):
+    """The procedural world's "real" data sets (see tasks/world.py): images per set."""
+
+    seed: int = 0
+    common_train: Annotated[int, Field(ge=0, le=1_000_000)] = 2000
+    common_val: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+    rare_scarce: Annotated[int, Field(ge=0, le=1_000_000)] = Field(30, description="Per rare condition.")
+    test: Annotated[int, Field(ge=0, le=1_000_000)] = Field(200, description="Per condition.")
+    captioned: Annotated[int, Field(ge=0, le=1_000_000)] = Field(20000, description="For train-generator.")
+
+
+# ---------------------------------------------------------------------------------------------
+# train-generator (the embedded default model)
+# ---------------------------------------------------------------------------------------------
+class TrainGeneratorConfig(Section):
+    """Training of the default latent diffusion model; sizes from the CPU feasibility trial."""
+
+    seed: int = 0
+    image_size: PositiveInt = 64
+    vae_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64], min_length=2, max_length=4)
+    vae_steps: Annotated[int, Field(ge=0)] = 1500
+    vae_batch: PositiveInt = 32
+    vae_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    kl_weight: Annotated[float, Field(ge=0)] = 1e-7
+    edge_weight: Annotated[float, Field(ge=0)] = 1.0
+    max_tokens: Annotated[int, Field(ge=4, le=77)] = 20
+    text_width: PositiveInt = 64
+    text_layers: PositiveInt = 2
+    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [48, 96, 96], min_length=2, max_length=4)
+    unet_layers: PositiveInt = 1
+    unet_steps: Annotated[int, Field(ge=0)] = 2600
+    unet_batch: PositiveInt = 64
+    unet_lr: Annotated[float, Field(gt=0, le=1)] = 5e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    caption_dropout: Fraction = 0.1
+    min_snr_gamma: Annotated[float, Field(gt=0)] = 5.0
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.998
+
+
+# ---------------------------------------------------------------------------------------------
 # the whole file
 # ---------------------------------------------------------------------------------------------
 class Params(Section):
@@ -217,14 +261,21 @@ class Params(Section):
     dataset: DatasetConfig = DatasetConfig()
     version: VersionConfig = VersionConfig()
     finetune: FinetuneConfig
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    train_generator: TrainGeneratorConfig = Field(default_factory=TrainGeneratorConfig, alias="train-generator")
+    # The validator is a YOLO26n trained from its yaml: a fine-tune from random weights.
+    train_validator: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(model="yolo26n.yaml", epochs=40, registered_model="synthdet-validator"),
+        alias="train-validator",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def section(self, stage: str) -> Section:
         """The config section of a stage, by its one name."""
-        if stage not in STAGES:
-            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        return getattr(self, "validate_" if stage == "validate" else stage)
+        if stage not in (*STAGES, *TRAINING_STAGES):
+            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join((*STAGES, *TRAINING_STAGES))}")
+        return getattr(self, {"validate": "validate_"}.get(stage, stage.replace("-", "_")))
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:

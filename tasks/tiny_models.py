@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections import Counter
-from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+from tasks.tokenizer import MAX_PROMPT_TOKENS, build_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +28,6 @@ DEFAULT_VOCABULARY = [
     *("dog", "cat", "car", "bird", "person", "bicycle", "cup", "bottle", "apple", "chair", ",", "."),
 ]
 
-BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
-# CLIP's context length; the pipeline pads every prompt to the tokenizer's model_max_length.
-MAX_PROMPT_TOKENS = 77
 # Image pixels per latent pixel: the VAE below has 3 blocks, i.e. 2 downsamplings.
 VAE_SCALE_FACTOR = 4
 
@@ -71,7 +64,7 @@ def build_tiny_pipeline(
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
         raise FileExistsError(f"refusing to replace {out_dir}: not empty and not a diffusers pipeline")
 
-    tokenizer = _build_clip_tokenizer(list(vocabulary) if vocabulary is not None else list(DEFAULT_VOCABULARY))
+    tokenizer = build_clip_tokenizer(list(vocabulary) if vocabulary is not None else list(DEFAULT_VOCABULARY))
     # fork_rng: seed the weights without changing the caller's global torch random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -138,67 +131,6 @@ def build_tiny_pipeline(
     tmp_dir.rename(out_dir)
     logger.info("wrote tiny pipeline (seed %d, %dx%d) to %s", seed, sample_size, sample_size, out_dir)
     return out_dir
-
-
-def _build_clip_tokenizer(vocabulary: list[str]) -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` whose BPE vocabulary and merges are learned from ``vocabulary``.
-
-    Words are split with CLIP's own normalizer and pre-tokenizer, as the tokenizer will split prompts.
-    The result is built from ``vocab`` and ``merges`` because that is what ``from_pretrained`` does
-    too (transformers 5 rebuilds CLIP's backend from them), so it behaves the same after reloading.
-    """
-    from transformers import CLIPTokenizer
-
-    clip = CLIPTokenizer().backend_tokenizer
-    pieces = {
-        piece
-        for word in vocabulary
-        for piece, _ in clip.pre_tokenizer.pre_tokenize_str(clip.normalizer.normalize_str(word))
-    }
-    if not pieces:
-        raise ValueError(f"vocabulary has no words: {vocabulary!r}")
-    vocab, merges = _learn_bpe(sorted(pieces))
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,  # CLIP pads with its end token
-        model_max_length=MAX_PROMPT_TOKENS,
-    )
-
-
-def _learn_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """BPE with CLIP's ``</w>`` suffix: merge the most frequent pair until every word is one token.
-
-    Written out rather than ``tokenizers.trainers.BpeTrainer``, which numbers tokens in hash order and
-    so gives a different tokenizer, and different images, on every run. Ties go to the smallest pair.
-
-    Returns:
-        The vocabulary (special tokens, then characters, then merged tokens) and the merges in order.
-    """
-    words_as_tokens = [[*word[:-1], word[-1] + "</w>"] for word in words]
-    tokens = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *sorted({t for word in words_as_tokens for t in word})]
-    merges: list[tuple[str, str]] = []
-    while pairs := Counter(pair for word in words_as_tokens for pair in pairwise(word)):
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        tokens.append(best[0] + best[1])
-        words_as_tokens = [_merge_pair(word, best) for word in words_as_tokens]
-    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
-
-
-def _merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:
-    merged, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            merged.append(word[i] + word[i + 1])
-            i += 2
-        else:
-            merged.append(word[i])
-            i += 1
-    return merged
 
 
 def build_tiny_detector(out_path: Path, class_names: list[str], seed: int = 0) -> Path:

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import STAGES, Params
+from tasks.config import STAGES, TRAINING_STAGES, Params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_params_sections_are_the_stages() -> None:
     sections = [field.alias or name for name, field in Params.model_fields.items()]
-    assert [s for s in sections if s not in ("workspace", "run_name")] == list(STAGES)
+    assert [s for s in sections if s not in ("workspace", "run_name")] == [*STAGES, *TRAINING_STAGES]
 
 
 def test_params_files_spell_out_every_section() -> None:
@@ -35,7 +35,7 @@ def test_cli_has_one_subcommand_per_stage() -> None:
     from flows.cli import app
 
     commands = {command.name for command in app.registered_commands}
-    assert set(STAGES) <= commands
+    assert {*STAGES, *TRAINING_STAGES} <= commands
 
 
 def test_prefect_tasks_are_named_after_the_stages() -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.tiny_models import UNK_TOKEN, build_tiny_detector, build_tiny_pipeline
+from tasks.tiny_models import build_tiny_detector, build_tiny_pipeline
+from tasks.tokenizer import UNK_TOKEN
 
 VOCABULARY = ["a", "photo", "of", "dog", "cat"]
 CLASS_NAMES = ["circle", "square"]

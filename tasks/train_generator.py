@@ -1,0 +1,221 @@
+"""train-generator: train the embedded default text-to-image latent diffusion model on this CPU.
+
+Three parts, trained from scratch on captioned images (captions only, no boxes: the analogue of a
+web-scale image-text corpus), saved as a standard diffusers ``StableDiffusionPipeline`` folder:
+
+1. an ``AutoencoderKL`` (64x64 RGB <-> 16x16x4 latents), trained first with L1, an edge loss that keeps
+   small shapes sharp (the autoencoder is the usual fidelity bottleneck) and a tiny KL term;
+2. a CLIP text encoder with a word-level tokenizer built from the captions' vocabulary;
+3. a ``UNet2DConditionModel`` trained on precomputed latents with DDPM epsilon prediction, min-SNR-gamma
+   weighting, captions dropped at random for classifier-free guidance, and an EMA of the weights.
+
+The recipe follows the trial in ``shared/research/tiny-ldm-feasibility.md``. Steps, not wall time,
+bound each phase, so a seed reproduces the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tasks.config import TrainGeneratorConfig
+from tasks.tokenizer import build_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratorResult:
+    path: Path
+    vae_seconds: float
+    unet_seconds: float
+    vae_loss: float
+    unet_loss: float
+    size_bytes: int
+
+
+def load_captioned(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """Images and captions of a captioned folder (``captions.parquet`` with ``file`` and ``caption``).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the folder or the first unusable image.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    table_path = Path(folder) / "captions.parquet"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{folder}: no captions.parquet (run `synthdet world` first)")
+    table = pd.read_parquet(table_path)
+    images = []
+    for file in table["file"]:
+        try:
+            with Image.open(Path(folder) / file) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{Path(folder) / file}: not a readable image ({exc})") from None
+    return np.stack(images), [str(c) for c in table["caption"]]
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) floats in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _edges(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical finite differences: where shapes' outlines are."""
+    return torch.cat([x[..., 1:, :] - x[..., :-1, :], (x[..., :, 1:] - x[..., :, :-1]).transpose(-1, -2)], dim=-2)
+
+
+def _vocabulary(captions: list[str]) -> list[str]:
+    words = {w for caption in captions for w in caption.replace(",", " , ").split()}
+    return sorted(words)
+
+
+def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
+    """The untrained autoencoder, tokenizer, text encoder, UNet and noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    blocks = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        sample_size=cfg.image_size, in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=min(16, min(cfg.vae_channels)), mid_block_add_attention=False,
+    )  # fmt: skip
+    tokenizer = build_clip_tokenizer(vocabulary, max_length=cfg.max_tokens)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=cfg.text_width * 2,
+            num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_tokens,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1)
+    up = ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.image_size // 2 ** (blocks - 1), in_channels=4, out_channels=4,
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
+        down_block_types=down, up_block_types=up, cross_attention_dim=cfg.text_width,
+        attention_head_dim=8, norm_num_groups=min(16, min(cfg.unet_channels)),
+    )  # fmt: skip
+    noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)  # fmt: skip
+    return vae, tokenizer, text_encoder, unet, noise
+
+
+def train_generator(
+    images: np.ndarray,
+    captions: list[str],
+    cfg: TrainGeneratorConfig,
+    out_dir: Path,
+    progress: bool = True,
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> GeneratorResult:
+    """Train all three parts and save the pipeline.
+
+    Args:
+        images: (N, H, W, 3) uint8 with H = W = ``cfg.image_size``.
+        captions: N captions in the prompts' vocabulary.
+        cfg: the train_generator section.
+        out_dir: replaced by a ``StableDiffusionPipeline`` folder (fp16 safetensors).
+        on_step: called with (phase, step, loss) every 50 steps, e.g. to log to MLflow.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3) or images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, {cfg.image_size}, {cfg.image_size}, 3) uint8, got {images.shape}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    vae, tokenizer, text_encoder, unet, noise = build_parts(cfg, _vocabulary(captions))
+
+    # 1. The autoencoder.
+    began = time.perf_counter()
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    vae_loss = float("nan")
+    for step in tqdm(range(cfg.vae_steps), desc="train vae", disable=not progress):
+        x = _to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        loss = (F.l1_loss(rec, x) + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
+                + cfg.kl_weight * posterior.kl().mean())  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        vae_loss = loss.item()
+        if on_step and step % 50 == 0:
+            on_step("vae", step, vae_loss)
+    vae.eval().requires_grad_(False)
+    vae_seconds = time.perf_counter() - began
+
+    # Latents once: the posterior mean, scaled to unit variance as Stable Diffusion does.
+    with torch.inference_mode():
+        latents = torch.cat([vae.encode(_to_tensor(images[i : i + 256])).latent_dist.mean
+                             for i in range(0, len(images), 256)])  # fmt: skip
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = (latents * scaling).clone()
+    tokens = tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                       return_tensors="pt").input_ids  # fmt: skip
+    empty = tokenizer([""], padding="max_length", max_length=cfg.max_tokens, return_tensors="pt").input_ids
+
+    # 2 + 3. Text encoder and UNet, together.
+    began = time.perf_counter()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.unet_steps)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+    alphas = noise.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    unet_loss = float("nan")
+    for step in tqdm(range(cfg.unet_steps), desc="train unet", disable=not progress):
+        idx = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
+        z0, ids = latents[idx], tokens[idx].clone()
+        ids[torch.rand(len(ids)) < cfg.caption_dropout] = empty[0]  # unconditional, for guidance
+        eps = torch.randn_like(z0)
+        t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),))
+        pred = unet(noise.add_noise(z0, eps, t), t, text_encoder(ids)[0]).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+        loss = (weight * F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        unet_loss = loss.item()
+        if on_step and step % 50 == 0:
+            on_step("unet", step, unet_loss)
+    ema.copy_to(params)
+    unet_seconds = time.perf_counter() - began
+
+    scheduler = DDIMScheduler.from_config(noise.config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+    staging = out_dir.with_name(f".{out_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    # fp16 on disk halves the size; loading with dtype=float32 casts back.
+    pipe.to(dtype=torch.float16).save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    return GeneratorResult(out_dir, vae_seconds, unet_seconds, vae_loss, unet_loss, size)

@@ -18,7 +18,7 @@ TINY = TrainGeneratorConfig(vae_channels=[8, 16, 16], vae_steps=3, vae_batch=4, 
 def captioned(n: int) -> tuple[np.ndarray, list[str]]:
     rng = np.random.default_rng(0)
     images = (rng.random((n, 64, 64, 3)) * 255).astype(np.uint8)
-    return images, [f"a {c} circle, {w}" for c, w in zip(["red", "blue"] * n, ["fog", "night", "plain"] * n)][:n]
+    return images, [f"a {['red', 'blue'][i % 2]} circle, {['fog', 'night', 'plain'][i % 3]}" for i in range(n)]
 
 
 def test_trains_saves_and_loads_like_any_pipeline(tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def generate(ctx: StageContext) -> dict[str, Any]:
 
 def validate(ctx: StageContext) -> dict[str, Any]:
     """Accept or reject each generated image; labels to ``validate/labels/``, table to ``validated.parquet``."""
-    from tasks.grids import image_grid
+    from tasks.grids import histogram, image_grid
     from tasks.validation import load_detector, summarize_validation, validate_images
 
     generated = ctx.read_table("generate", "generated.parquet")
@@ -135,6 +135,8 @@ def validate(ctx: StageContext) -> dict[str, Any]:
         metrics = summarize_validation(validated)
         ctx.tracker.log_metrics(run_id, metrics)
         ctx.tracker.log_artifact(run_id, path)
+        chart = histogram(validated["confidence"], f"intended-class confidence (accept at >= {ctx.params.validate_.conf})")
+        ctx.tracker.log_image(run_id, chart, "confidence_histogram.png")
         # The grids go to the flow's run too: the first thing a reviewer opens.
         runs = [run_id, ctx.parent_run] if ctx.parent_run else [run_id]
         accepted = validated[validated["accepted"]].head(GRID_SIZE)

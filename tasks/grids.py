@@ -30,3 +30,23 @@ def image_grid(
         for n, line in enumerate(textwrap.wrap(caption, chars)[:caption_lines]):
             draw.text((x + 2, y + thumb + 2 + n * line_height), line, fill="black", font=font)
     return sheet
+
+
+def histogram(values: Sequence[float], title: str, bins: int = 20, value_range: tuple[float, float] = (0.0, 1.0)):
+    """A small histogram as a PIL image, e.g. of the validator's confidence in the intended class."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here; and never pick an interactive back end in a worker
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3), dpi=100)
+    axes.hist(list(values), bins=bins, range=value_range, color="#4878a8", edgecolor="white")
+    axes.set(title=title, xlabel="confidence", ylabel="images")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")

@@ -135,6 +135,7 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     assert {"accepted_grid.png", "rejected_grid.png", "summary.json"} <= artifacts(parent.info.run_id)
     assert {"prompts.json", "prompts.parquet"} <= artifacts(children["prompts"].info.run_id)
     assert "generated_grid.png" in artifacts(children["generate"].info.run_id)
+    assert "confidence_histogram.png" in artifacts(children["validate"].info.run_id)
     assert {"data.yaml", "manifest.parquet"} <= artifacts(children["dataset"].info.run_id)
     assert "weights/best.pt" in artifacts(children["finetune"].info.run_id, "weights")
     (model_version,) = client.search_model_versions("name='synthdet-detector'")

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from tasks.config import STAGES, ConfigError, load_params
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, workspace_lock
 
 app = typer.Typer(
     help="Turn a text-to-image diffusion model into a validated, versioned synthetic YOLO dataset, "
@@ -63,13 +63,19 @@ def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
         raise typer.Exit(1) from None
 
 
-def _prepare(params: Path, workspace: Path | None) -> None:
-    """Validate params first (fast, before any heavy import), then set the environment."""
+def _prepare(params: Path, workspace: Path | None, stages: tuple[str, ...] = ()) -> None:
+    """Validate params (writing nothing), set the environment, then check the stages' inputs: every
+    error a user can fix shows up before any heavy work starts."""
     from flows.env import configure_environment
 
     overrides = {"workspace": str(workspace)} if workspace else None
     loaded = load_params(params, overrides)
+    # Before the checks: loading a detector imports ultralytics, which must find its config dir set.
     configure_environment(Workspace(Path(loaded.workspace), loaded.run_name))
+    if stages:
+        from flows.stages import preflight
+
+        preflight(loaded, stages)
 
 
 # -- whole flows ------------------------------------------------------------------------------
@@ -86,8 +92,9 @@ def run(
     def work() -> dict:
         if flow not in ("pipeline", "synthesize", "finetune"):
             raise ValueError(f"--flow: {flow!r} is not one of pipeline, synthesize, finetune")
-        _prepare(params, workspace)
-        from flows.pipeline import FLOWS
+        from flows.pipeline import FINETUNE, FLOWS, SYNTHESIZE
+
+        _prepare(params, workspace, {"pipeline": STAGES, "synthesize": SYNTHESIZE, "finetune": FINETUNE}[flow])
 
         ws = str(workspace) if workspace else None
         extra = {"dataset_version": dataset_version} if flow == "finetune" else {}
@@ -127,12 +134,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 # -- one subcommand per stage -----------------------------------------------------------------
 def _run_stage(params: Path, workspace: Path | None, debug: bool, stage: str, **kwargs: Any) -> None:
     def work() -> dict:
-        _prepare(params, workspace)
+        _prepare(params, workspace, (stage,) if stage in STAGES else ())
         from flows import stages
         from flows.pipeline import open_context
 
         ctx = open_context(str(params), str(workspace) if workspace else None)
-        return getattr(stages, stage.replace("-", "_"))(ctx, **kwargs)
+        with workspace_lock(ctx.ws.root):
+            return getattr(stages, stage.replace("-", "_"))(ctx, **kwargs)
 
     typer.echo(json.dumps(_guarded(debug, work), indent=2, default=str))
 

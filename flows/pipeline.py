@@ -19,7 +19,7 @@ from flows import stages
 from flows.env import configure_environment, tracking_uri
 from tasks.config import STAGES, load_params
 from tasks.tracking import Tracker
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, workspace_lock
 
 SYNTHESIZE = STAGES[:5]
 FINETUNE = STAGES[5:]
@@ -50,7 +50,8 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
     }
     summary: dict[str, Any] = {"flow": flow_name, "workspace": str(ctx.ws.root.resolve()), "run_dir": str(ctx.ws.run_dir.resolve()),
                                "mlflow_uri": ctx.tracker.uri}  # fmt: skip
-    with ctx.tracker.run(flow_name, tags=tags) as parent:
+    stages.preflight(ctx.params, names)
+    with workspace_lock(ctx.ws.root), ctx.tracker.run(flow_name, tags=tags) as parent:
         ctx.parent_run = parent
         summary["mlflow_run_id"] = parent
         for name in names:

@@ -74,6 +74,32 @@ def git_sha(folder: Path | None = None) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def preflight(params: Params, names: tuple[str, ...]) -> None:
+    """Check every input the given stages will read, before any heavy work starts.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the field and the file, as the stage itself would.
+    """
+    from tasks.dataset import find_real_images
+    from tasks.generation import resolve_model_dir
+    from tasks.prompts import expand_prompts
+    from tasks.validation import load_detector
+
+    if "prompts" in names:
+        expand_prompts(params.prompts)  # quotas, control characters: milliseconds
+    if "generate" in names:
+        resolve_model_dir(params.generate.model)
+    if "validate" in names:
+        load_detector(params.validate_.model, "validate.model")
+    if "dataset" in names and params.dataset.real is not None and params.dataset.real_ratio > 0:
+        find_real_images(params.dataset.real, len(params.prompts.classes))
+    if "finetune" in names:
+        if not params.finetune.model.endswith(".yaml"):
+            load_detector(params.finetune.model, "finetune.model")
+        if params.finetune.eval_data is not None and not params.finetune.eval_data.is_file():
+            raise FileNotFoundError(f"finetune.eval_data: {params.finetune.eval_data}: no such file")
+
+
 # ---------------------------------------------------------------------------------------------
 def prompts(ctx: StageContext) -> dict[str, Any]:
     """Expand the prompt spec into ``prompts/prompts.parquet``."""
@@ -135,7 +161,9 @@ def validate(ctx: StageContext) -> dict[str, Any]:
         metrics = summarize_validation(validated)
         ctx.tracker.log_metrics(run_id, metrics)
         ctx.tracker.log_artifact(run_id, path)
-        chart = histogram(validated["confidence"], f"intended-class confidence (accept at >= {ctx.params.validate_.conf})")
+        chart = histogram(
+            validated["confidence"], f"intended-class confidence (accept at >= {ctx.params.validate_.conf})"
+        )
         ctx.tracker.log_image(run_id, chart, "confidence_histogram.png")
         # The grids go to the flow's run too: the first thing a reviewer opens.
         runs = [run_id, ctx.parent_run] if ctx.parent_run else [run_id]

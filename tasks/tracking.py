@@ -52,6 +52,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, artifact_location: str | None = None, experiment: str = EXPERIMENT):
         self.uri = tracking_uri
+        check_reachable(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
@@ -145,6 +146,38 @@ class Tracker:
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         version = self.client.create_model_version(name, source, run_id=run_id, tags=dict(tags or {}))
         return str(version.version)
+
+
+def redact(uri: str) -> str:
+    """The URI without a password, fit for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any heavy work, if an MLflow server does not answer its health check.
+
+    MLflow's own client would retry for minutes; a run that cannot log should not start at all.
+
+    Raises:
+        RuntimeError: naming the (redacted) URI.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as exc:
+        raise RuntimeError(
+            f"MLflow tracking server {redact(uri)} is unreachable ({type(exc).__name__}); start it, or unset "
+            "MLFLOW_TRACKING_URI to log to the workspace's SQLite store"
+        ) from None
 
 
 def _metric_key(key: str) -> str:

@@ -93,3 +93,42 @@ def write_text_atomic(target: Path, text: str) -> None:
 def write_parquet_atomic(frame, target: Path) -> None:  # frame: pandas.DataFrame
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another run holds the workspace."""
+
+
+@contextmanager
+def workspace_lock(root: Path) -> Iterator[None]:
+    """Hold ``<root>/.lock`` for the duration of a run, so two runs never write one workspace at once.
+
+    The lock is an ``flock`` on an open file: the kernel drops it when the holder exits, even by
+    SIGKILL, so a crashed run never leaves a stale lock behind.
+
+    Raises:
+        WorkspaceBusy: naming the workspace and the holder's pid, if another process holds it.
+    """
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise WorkspaceBusy(
+                f"{root}: workspace in use by {holder}; wait for it to finish or use --workspace DIR"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -68,7 +68,15 @@ def guarded_env(tmp_path: Path) -> dict[str, str]:
     env["SYNTHDET_NETWORK_LOG"] = str(tmp_path / "network.log")
     for key in ("PREFECT_HOME", "YOLO_CONFIG_DIR"):  # let the CLI put them in the workspace
         env.pop(key, None)
+    env.update(SECRETS)  # planted: none may reach a log, a param, a tag or an artifact
     return env
+
+
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "synthdet-planted-aws-secret-7f3a",
+    "HF_TOKEN": "hf_synthdetPlantedToken9c1e",
+    "MLFLOW_TRACKING_TOKEN": "synthdet-planted-mlflow-token-41d0",
+}
 
 
 def synthdet(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -156,6 +164,14 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     assert snapshot(restored) == v1_dataset
     assert snapshot(run / "dataset") != v1_dataset
     assert len(client.search_model_versions("name='synthdet-detector'")) == 2
+
+    # No planted secret was written anywhere in the workspace (MLflow store and artifacts, Prefect's
+    # database and logs, the registry, the run folders) or printed.
+    printed = first.stdout + first.stderr + second.stdout + second.stderr
+    for secret in SECRETS.values():
+        assert secret not in printed
+        leaks = [p for p in ws.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert not leaks, f"{secret} found in {leaks}"
 
     # Nothing left the machine, and the user's own repository was not committed to.
     network_log = tmp_path / "network.log"

@@ -41,3 +41,18 @@ def test_a_failing_block_marks_the_run_failed(tracker: Tracker) -> None:
     with pytest.raises(RuntimeError), tracker.run("generate") as run_id:
         raise RuntimeError("boom")
     assert tracker.get_run(run_id).info.status == "FAILED"
+
+
+def test_unreachable_server_fails_fast_naming_the_uri_without_its_password() -> None:
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    began = time.monotonic()
+    with pytest.raises(
+        RuntimeError, match=rf"MLflow tracking server http://bob:\*\*\*@127.0.0.1:{port} is unreachable"
+    ):
+        Tracker(f"http://bob:hunter2@127.0.0.1:{port}")
+    assert time.monotonic() - began < 10

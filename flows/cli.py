@@ -26,8 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-datasets_app = typer.Typer(help="List, restore and push dataset versions in the DVC data registry.",
-                           no_args_is_help=True)  # fmt: skip
+datasets_app = typer.Typer(
+    help="List, restore and push dataset versions in the DVC data registry.", no_args_is_help=True
+)
 app.add_typer(datasets_app, name="datasets")
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file (one section per stage).")]
@@ -177,8 +178,9 @@ def _registry(params: Path, workspace: Path | None) -> tuple[Path, str, str]:
 
 
 @datasets_app.command("list")
-def datasets_list(params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None,
-                  debug: DebugOption = False) -> None:  # fmt: skip
+def datasets_list(
+    params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None, debug: DebugOption = False
+) -> None:
     """Show every dataset version in the registry."""
     from tasks.versioning import list_versions
 
@@ -190,16 +192,20 @@ def datasets_list(params: ParamsOption = Path("params.yaml"), workspace: Workspa
     if not versions:
         typer.echo("no dataset versions yet")
     for v in versions:
-        typer.echo(f"{v.tag:24} {v.files:6d} files  {v.dvc_md5}  {v.git_rev[:10]}  {v.created}"
-                   f"  {'pushed' if v.pushed else 'NOT pushed'}")  # fmt: skip
+        typer.echo(
+            f"{v.tag:24} {v.files:6d} files  {v.dvc_md5}  {v.git_rev[:10]}  {v.created}"
+            f"  {'pushed' if v.pushed else 'NOT pushed'}"
+        )
 
 
 @datasets_app.command("checkout")
 def datasets_checkout(
     version: Annotated[str, typer.Argument(help="A version tag, e.g. synthetic-v1, or 'latest'.")],
     to: Annotated[Path, typer.Option("--to", help="An empty or new directory to restore into.")],
-    params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None, debug: DebugOption = False,
-) -> None:  # fmt: skip
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
     """Restore a dataset version byte for byte."""
     from tasks.versioning import checkout_version
 
@@ -213,8 +219,10 @@ def datasets_checkout(
 @datasets_app.command("push")
 def datasets_push(
     version: Annotated[str, typer.Argument(help="A version tag, or 'latest'.")],
-    params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None, debug: DebugOption = False,
-) -> None:  # fmt: skip
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
     """Push a version's data to the DVC remote (for versions made while it was unreachable)."""
     from tasks.versioning import push_version
 

@@ -72,7 +72,7 @@ def _switch_off_ultralytics_integrations() -> None:
             "neptune",
             "raytune",
             "hub",
-        )  # fmt: skip
+        )
         if key in SETTINGS
     }
     if any(SETTINGS.get(key) for key in wanted):

@@ -48,8 +48,12 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
         "prefect.flow_run_id": str(flow_run.id or ""),
         "prefect.flow_run_url": str(flow_run.ui_url or ""),
     }
-    summary: dict[str, Any] = {"flow": flow_name, "workspace": str(ctx.ws.root.resolve()), "run_dir": str(ctx.ws.run_dir.resolve()),
-                               "mlflow_uri": ctx.tracker.uri}  # fmt: skip
+    summary: dict[str, Any] = {
+        "flow": flow_name,
+        "workspace": str(ctx.ws.root.resolve()),
+        "run_dir": str(ctx.ws.run_dir.resolve()),
+        "mlflow_uri": ctx.tracker.uri,
+    }
     stages.preflight(ctx.params, names)
     with workspace_lock(ctx.ws.root), ctx.tracker.run(flow_name, tags=tags) as parent:
         ctx.parent_run = parent
@@ -59,8 +63,13 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
             result = TASKS[name](ctx, **args)
             logger.info("%s: %s", name, {k: v for k, v in result.items() if k != "per_class"})
             summary[name] = result
-        numbers = {f"{stage}.{key}": value for stage, result in summary.items() if isinstance(result, dict)
-                   for key, value in result.items() if isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
+        numbers = {
+            f"{stage}.{key}": value
+            for stage, result in summary.items()
+            if isinstance(result, dict)
+            for key, value in result.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
         ctx.tracker.log_metrics(parent, numbers)
         summary["mlflow_run_ids"] = dict(ctx.run_ids)
         ctx.tracker.log_dict(parent, summary, "summary.json")

@@ -67,8 +67,13 @@ def git_sha(folder: Path | None = None) -> str:
     folder = folder or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -130,10 +135,14 @@ def generate(ctx: StageContext) -> dict[str, Any]:
         write_parquet_atomic(generated, path)
         ok = generated[generated["status"] == "ok"]
         seconds = generated["seconds"].astype(float)
-        ctx.tracker.log_metrics(run_id, {
-            "generated": len(ok), "degenerate": len(generated) - len(ok),
-            "seconds_per_image": float(seconds.mean()) if len(seconds) else 0.0,
-        })  # fmt: skip
+        ctx.tracker.log_metrics(
+            run_id,
+            {
+                "generated": len(ok),
+                "degenerate": len(generated) - len(ok),
+                "seconds_per_image": float(seconds.mean()) if len(seconds) else 0.0,
+            },
+        )
         ctx.tracker.log_artifact(run_id, path)
         if len(ok):
             sample = ok.head(GRID_SIZE)
@@ -153,9 +162,14 @@ def validate(ctx: StageContext) -> dict[str, Any]:
         labels = ctx.out("validate", "labels")
         shutil.rmtree(labels, ignore_errors=True)  # labels are per run; stale ones would mislead
         validated = validate_images(
-            detector, generated, ctx.params.validate_, class_names(ctx.params), labels, ctx.ws.detections,
+            detector,
+            generated,
+            ctx.params.validate_,
+            class_names(ctx.params),
+            labels,
+            ctx.ws.detections,
             ctx.progress,
-        )  # fmt: skip
+        )
         path = ctx.out("validate", "validated.parquet")
         write_parquet_atomic(validated, path)
         metrics = summarize_validation(validated)
@@ -179,8 +193,12 @@ def validate(ctx: StageContext) -> dict[str, Any]:
             grid = image_grid(rejected["path"], captions)
             for run in runs:
                 ctx.tracker.log_image(run, grid, "rejected_grid.png")
-    return {"accepted": int(metrics["accepted"]), "validated": len(validated),
-            "acceptance_rate": metrics["acceptance_rate"], "path": str(path)}  # fmt: skip
+    return {
+        "accepted": int(metrics["accepted"]),
+        "validated": len(validated),
+        "acceptance_rate": metrics["acceptance_rate"],
+        "path": str(path),
+    }
 
 
 def dataset(ctx: StageContext) -> dict[str, Any]:
@@ -190,12 +208,18 @@ def dataset(ctx: StageContext) -> dict[str, Any]:
     validated = ctx.read_table("validate", "validated.parquet")
     with ctx.stage_run("dataset") as run_id:
         result = build_dataset(validated, class_names(ctx.params), ctx.params.dataset, ctx.out("dataset"))
-        ctx.tracker.log_metrics(run_id, {"train": result.train, "val": result.val, "synthetic": result.synthetic,
-                                         "real": result.real})  # fmt: skip
+        ctx.tracker.log_metrics(
+            run_id, {"train": result.train, "val": result.val, "synthetic": result.synthetic, "real": result.real}
+        )
         ctx.tracker.log_artifact(run_id, result.data_yaml)
         ctx.tracker.log_artifact(run_id, result.path / "manifest.parquet")
-    return {"train": result.train, "val": result.val, "synthetic": result.synthetic, "real": result.real,
-            "path": str(result.path)}  # fmt: skip
+    return {
+        "train": result.train,
+        "val": result.val,
+        "synthetic": result.synthetic,
+        "real": result.real,
+        "path": str(result.path),
+    }
 
 
 def registry_and_remote(ctx: StageContext) -> tuple[Path, str]:
@@ -212,8 +236,14 @@ def version(ctx: StageContext) -> dict[str, Any]:
         raise FileNotFoundError(f"{source}: missing; run the dataset stage first")
     registry, remote = registry_and_remote(ctx)
     with ctx.stage_run("version") as run_id:
-        made = version_dataset(source, ctx.params.dataset.name, registry, remote, push=ctx.params.version.push,
-                               message=f"run {ctx.params.run_name}")  # fmt: skip
+        made = version_dataset(
+            source,
+            ctx.params.dataset.name,
+            registry,
+            remote,
+            push=ctx.params.version.push,
+            message=f"run {ctx.params.run_name}",
+        )
         record = {**made.__dict__, "registry": str(registry), "remote": remote}
         write_text_atomic(ctx.out("version", "version.json"), json.dumps(record, indent=2))
         ctx.tracker.set_tags(run_id, {"dataset.version": made.tag, "dataset.md5": made.dvc_md5})
@@ -250,11 +280,17 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
         for plot in result.plots:
             ctx.tracker.log_artifact(run_id, plot, "plots")
         ctx.tracker.log_artifact(run_id, result.weights, "weights")
-        model_version = ctx.tracker.register_model(run_id, result.weights, cfg.registered_model,
-                                                   tags={"dataset.version": made.tag})  # fmt: skip
-        summary = {**result.metrics, "per_class": result.per_class, "weights": str(result.weights),
-                   "dataset_version": made.tag, "registered_model": cfg.registered_model,
-                   "model_version": model_version}  # fmt: skip
+        model_version = ctx.tracker.register_model(
+            run_id, result.weights, cfg.registered_model, tags={"dataset.version": made.tag}
+        )
+        summary = {
+            **result.metrics,
+            "per_class": result.per_class,
+            "weights": str(result.weights),
+            "dataset_version": made.tag,
+            "registered_model": cfg.registered_model,
+            "model_version": model_version,
+        }
         write_text_atomic(ctx.out("finetune", "metrics.json"), json.dumps(summary, indent=2))
     return summary
 
@@ -266,8 +302,9 @@ def world(ctx: StageContext, out: Path) -> dict[str, Any]:
     cfg = ctx.params.world
     with ctx.stage_run("world") as run_id:
         sets = build_world(out, cfg.seed, cfg.model_dump(exclude={"seed"}))
-        ctx.tracker.log_metrics(run_id, {f"images.{name}": sum(1 for _ in (path / "images").iterdir())
-                                         for name, path in sets.items()})  # fmt: skip
+        ctx.tracker.log_metrics(
+            run_id, {f"images.{name}": sum(1 for _ in (path / "images").iterdir()) for name, path in sets.items()}
+        )
     return {name: str(path) for name, path in sets.items()}
 
 
@@ -312,11 +349,21 @@ def train_generator(ctx: StageContext, data: Path, out: Path) -> dict[str, Any]:
             ctx.tracker.log_metrics(run_id, {f"{phase}_loss": loss}, step=step)
 
         result = train(images, captions, ctx.params.train_generator, out, ctx.progress, on_step)
-        figures = {"vae_seconds": result.vae_seconds, "unet_seconds": result.unet_seconds,
-                   "size_mb": result.size_bytes / 1e6, "images": len(images)}  # fmt: skip
+        figures = {
+            "vae_seconds": result.vae_seconds,
+            "unet_seconds": result.unet_seconds,
+            "size_mb": result.size_bytes / 1e6,
+            "images": len(images),
+        }
         ctx.tracker.log_metrics(run_id, figures)
     return {**figures, "path": str(result.path)}
 
 
-STAGE_FUNCTIONS = {"prompts": prompts, "generate": generate, "validate": validate, "dataset": dataset,
-                   "version": version, "finetune": finetune}  # fmt: skip
+STAGE_FUNCTIONS = {
+    "prompts": prompts,
+    "generate": generate,
+    "validate": validate,
+    "dataset": dataset,
+    "version": version,
+    "finetune": finetune,
+}

@@ -30,9 +30,23 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 # Columns of the run tables that are copied into the dataset manifest.
 PROVENANCE = [
-    "image_id", "prompt_id", "class", "prompt", "negative_prompt", "seed", "model", "model_hash", "scheduler",
-    "num_inference_steps", "guidance_scale", "height", "width", "file_sha256", "confidence", "detections",
-]  # fmt: skip
+    "image_id",
+    "prompt_id",
+    "class",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "model",
+    "model_hash",
+    "scheduler",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "file_sha256",
+    "confidence",
+    "detections",
+]
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,10 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
     shutil.rmtree(old, ignore_errors=True)
     counts = table["split"].value_counts()
     return DatasetResult(
-        path=out_dir, data_yaml=out_dir / "data.yaml", train=int(counts.get("train", 0)),
-        val=int(counts.get("val", 0)), synthetic=len(synthetic), real=len(table) - len(synthetic),
-    )  # fmt: skip
+        path=out_dir,
+        data_yaml=out_dir / "data.yaml",
+        train=int(counts.get("train", 0)),
+        val=int(counts.get("val", 0)),
+        synthetic=len(synthetic),
+        real=len(table) - len(synthetic),
+    )

@@ -48,12 +48,25 @@ def evaluate_detector(weights: Path | str, data_yaml: Path, split: str, cfg: Fin
 
     model = YOLO(str(weights), task="detect")
     result = model.val(
-        data=str(data_yaml), split=split, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
-        plots=False, verbose=False, project=str(out_dir), name="eval", exist_ok=True, workers=cfg.workers,
-    )  # fmt: skip
+        data=str(data_yaml),
+        split=split,
+        imgsz=cfg.imgsz,
+        batch=cfg.batch,
+        device=cfg.device,
+        plots=False,
+        verbose=False,
+        project=str(out_dir),
+        name="eval",
+        exist_ok=True,
+        workers=cfg.workers,
+    )
     box = result.box
-    metrics = {"mAP50": float(box.map50), "mAP50-95": float(box.map), "precision": float(box.mp),
-               "recall": float(box.mr)}  # fmt: skip
+    metrics = {
+        "mAP50": float(box.map50),
+        "mAP50-95": float(box.map),
+        "precision": float(box.mp),
+        "recall": float(box.mr),
+    }
     names = result.names
     per_class = {names[int(c)]: float(box.maps[int(c)]) for c in result.ap_class_index}
     return metrics, per_class
@@ -90,11 +103,25 @@ def finetune_detector(
 
         model.add_callback("on_fit_epoch_end", report)
     model.train(
-        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
-        lr0=cfg.lr0, optimizer=cfg.optimizer, patience=cfg.patience, seed=cfg.seed, deterministic=True,
-        mosaic=cfg.mosaic, workers=cfg.workers, plots=cfg.plots, amp=False, verbose=False,
-        project=str(out_dir), name="train", exist_ok=True,
-    )  # fmt: skip
+        data=str(data_yaml),
+        epochs=cfg.epochs,
+        imgsz=cfg.imgsz,
+        batch=cfg.batch,
+        device=cfg.device,
+        lr0=cfg.lr0,
+        optimizer=cfg.optimizer,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        deterministic=True,
+        mosaic=cfg.mosaic,
+        workers=cfg.workers,
+        plots=cfg.plots,
+        amp=False,
+        verbose=False,
+        project=str(out_dir),
+        name="train",
+        exist_ok=True,
+    )
     train_dir = out_dir / "train"
     weights = train_dir / "weights" / "best.pt"
     if not weights.is_file():

@@ -105,9 +105,17 @@ def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
 def image_id(row: dict[str, Any], loaded: LoadedPipeline, cfg: GenerateConfig) -> str:
     """The content address of one image: a hash of everything that determines its pixels."""
     key = [
-        row["prompt"], row["negative_prompt"], int(row["seed"]), loaded.model_hash, loaded.scheduler,
-        cfg.num_inference_steps, cfg.guidance_scale, cfg.height, cfg.width, cfg.dtype,
-    ]  # fmt: skip
+        row["prompt"],
+        row["negative_prompt"],
+        int(row["seed"]),
+        loaded.model_hash,
+        loaded.scheduler,
+        cfg.num_inference_steps,
+        cfg.guidance_scale,
+        cfg.height,
+        cfg.width,
+        cfg.dtype,
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 

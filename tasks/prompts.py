@@ -77,11 +77,19 @@ def expand_prompts(cfg: PromptsConfig) -> pd.DataFrame:
         for index, seed in zip(order, seeds, strict=True):
             cell = cells[index]
             key = "\x1f".join([cell.prompt, cfg.negative_prompt, str(seed)])
-            rows.append({
-                "prompt_id": hashlib.sha256(key.encode()).hexdigest()[:16],
-                "class": spec.name, "class_id": class_id, "phrase": spec.text, "template": cell.template,
-                "prompt": cell.prompt, "negative_prompt": cfg.negative_prompt, "seed": seed, **cell.values,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": hashlib.sha256(key.encode()).hexdigest()[:16],
+                    "class": spec.name,
+                    "class_id": class_id,
+                    "phrase": spec.text,
+                    "template": cell.template,
+                    "prompt": cell.prompt,
+                    "negative_prompt": cfg.negative_prompt,
+                    "seed": seed,
+                    **cell.values,
+                }
+            )
     frame = pd.DataFrame(rows, columns=FIXED_COLUMNS + list(cfg.axes))
     return frame.astype({"class_id": "int64", "seed": "int64"}).reset_index(drop=True)
 

@@ -195,9 +195,11 @@ class YoloDetector(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         rows = []
-        for path, result in zip(model_input["path"], self.model.predict(list(model_input["path"]), verbose=False),
-                                strict=True):  # fmt: skip
-            for cls, conf, box in zip(result.boxes.cls.tolist(), result.boxes.conf.tolist(),
-                                      result.boxes.xywhn.tolist(), strict=True):  # fmt: skip
+        for path, result in zip(
+            model_input["path"], self.model.predict(list(model_input["path"]), verbose=False), strict=True
+        ):
+            for cls, conf, box in zip(
+                result.boxes.cls.tolist(), result.boxes.conf.tolist(), result.boxes.xywhn.tolist(), strict=True
+            ):
                 rows.append({"path": path, "class": result.names[int(cls)], "conf": conf, "box": box})
         return pd.DataFrame(rows, columns=["path", "class", "conf", "box"])

@@ -88,30 +88,46 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
 
     blocks = len(cfg.vae_channels)
     vae = AutoencoderKL(
-        sample_size=cfg.image_size, in_channels=3, out_channels=3, latent_channels=4,
-        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        norm_num_groups=min(16, min(cfg.vae_channels)), mid_block_add_attention=False,
-    )  # fmt: skip
+        sample_size=cfg.image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=min(16, min(cfg.vae_channels)),
+        mid_block_add_attention=False,
+    )
     tokenizer = build_clip_tokenizer(vocabulary, max_length=cfg.max_tokens)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=cfg.text_width * 2,
-            num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_tokens,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_width,
+            intermediate_size=cfg.text_width * 2,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=cfg.max_tokens,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    )  # fmt: skip
+    )
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1)
     up = ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",)
     unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (blocks - 1), in_channels=4, out_channels=4,
-        block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
-        down_block_types=down, up_block_types=up, cross_attention_dim=cfg.text_width,
-        attention_head_dim=8, norm_num_groups=min(16, min(cfg.unet_channels)),
-    )  # fmt: skip
-    noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012)  # fmt: skip
+        sample_size=cfg.image_size // 2 ** (blocks - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=8,
+        norm_num_groups=min(16, min(cfg.unet_channels)),
+    )
+    noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return vae, tokenizer, text_encoder, unet, noise
 
 
@@ -153,8 +169,11 @@ def train_generator(
         x = _to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
-        loss = (F.l1_loss(rec, x) + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
-                + cfg.kl_weight * posterior.kl().mean())  # fmt: skip
+        loss = (
+            F.l1_loss(rec, x)
+            + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
+            + cfg.kl_weight * posterior.kl().mean()
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,13 +185,15 @@ def train_generator(
 
     # Latents once: the posterior mean, scaled to unit variance as Stable Diffusion does.
     with torch.inference_mode():
-        latents = torch.cat([vae.encode(_to_tensor(images[i : i + 256])).latent_dist.mean
-                             for i in range(0, len(images), 256)])  # fmt: skip
+        latents = torch.cat(
+            [vae.encode(_to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+        )
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = (latents * scaling).clone()
-    tokens = tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
-                       return_tensors="pt").input_ids  # fmt: skip
+    tokens = tokenizer(
+        captions, padding="max_length", max_length=cfg.max_tokens, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=cfg.max_tokens, return_tensors="pt").input_ids
 
     # 2 + 3. Text encoder and UNet, together.
@@ -208,9 +229,16 @@ def train_generator(
     unet_seconds = time.perf_counter() - began
 
     scheduler = DDIMScheduler.from_config(noise.config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     # fp16 on disk halves the size; loading with dtype=float32 casts back.

@@ -108,9 +108,14 @@ def detect(
     for start in range(0, len(todo), cfg.batch):
         chunk = todo[start : start + cfg.batch]
         predictions = detector.model.predict(
-            [str(paths[i]) for i in chunk], imgsz=cfg.imgsz, conf=cfg.conf, iou=cfg.iou,
-            device=cfg.device, batch=cfg.batch, verbose=False,
-        )  # fmt: skip
+            [str(paths[i]) for i in chunk],
+            imgsz=cfg.imgsz,
+            conf=cfg.conf,
+            iou=cfg.iou,
+            device=cfg.device,
+            batch=cfg.batch,
+            verbose=False,
+        )
         for i, pred in zip(chunk, predictions, strict=True):
             boxes = pred.boxes
             found = [
@@ -126,9 +131,12 @@ def detect(
 
 
 def judge(
-    detections: list[dict[str, Any]], intended: str, detector_to_dataset: dict[str, int],
-    class_names: list[str], cfg: ValidateConfig,
-) -> str:  # fmt: skip
+    detections: list[dict[str, Any]],
+    intended: str,
+    detector_to_dataset: dict[str, int],
+    class_names: list[str],
+    cfg: ValidateConfig,
+) -> str:
     """The reason to reject an image, or "" to accept it. Detections are already above ``cfg.conf``."""
 
     def shown(d: dict[str, Any]) -> str:

@@ -69,8 +69,9 @@ def test_datasets_commands_on_an_empty_workspace(smoke_params: Path, tmp_path: P
     assert result.exit_code == 0 and "no dataset versions yet" in result.output
     raw = yaml.safe_load(smoke_params.read_text())
     assert raw["workspace"] == str(tmp_path / "workspace")
-    result = runner.invoke(app, ["datasets", "checkout", "synthetic-v9", "--to", str(tmp_path / "x"),
-                                 "--params", str(smoke_params)])  # fmt: skip
+    result = runner.invoke(
+        app, ["datasets", "checkout", "synthetic-v9", "--to", str(tmp_path / "x"), "--params", str(smoke_params)]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr == f"error: {tmp_path / 'workspace' / 'registry'}: data registry not found\n"
 

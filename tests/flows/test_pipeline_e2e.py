@@ -80,8 +80,9 @@ SECRETS = {
 
 
 def synthdet(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, (
         f"synthdet {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     )
@@ -159,8 +160,9 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     listed = synthdet(["datasets", "list", "--params", str(smoke_params)], guarded_env).stdout
     assert "synthetic-v1" in listed and "synthetic-v2" in listed
     restored = tmp_path / "restored"
-    synthdet(["datasets", "checkout", "synthetic-v1", "--to", str(restored), "--params", str(smoke_params)],
-             guarded_env)  # fmt: skip
+    synthdet(
+        ["datasets", "checkout", "synthetic-v1", "--to", str(restored), "--params", str(smoke_params)], guarded_env
+    )
     assert snapshot(restored) == v1_dataset
     assert snapshot(run / "dataset") != v1_dataset
     assert len(client.search_model_versions("name='synthdet-detector'")) == 2

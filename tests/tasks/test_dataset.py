@@ -25,8 +25,17 @@ def make_validated(tmp_path: Path, n: int, accepted_every: int = 1) -> pd.DataFr
         label = labels / f"{image_id}.txt"
         if accepted:
             label.write_text(f"{i % 2} 0.5 0.5 0.25 0.25\n")
-        rows.append({"image_id": image_id, "class": CLASSES[i % 2], "path": str(path), "accepted": accepted,
-                     "label_path": str(label) if accepted else "", "confidence": 0.9, "seed": i})  # fmt: skip
+        rows.append(
+            {
+                "image_id": image_id,
+                "class": CLASSES[i % 2],
+                "path": str(path),
+                "accepted": accepted,
+                "label_path": str(label) if accepted else "",
+                "confidence": 0.9,
+                "seed": i,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -20,13 +20,15 @@ from tasks.generation import (
 
 
 def prompt_table(n: int, seed0: int = 0) -> pd.DataFrame:
-    return pd.DataFrame({
-        "prompt_id": [f"p{i}" for i in range(n)],
-        "class": ["cat"] * n,
-        "prompt": [f"a photo of a cat {i % 3}" for i in range(n)],
-        "negative_prompt": [""] * n,
-        "seed": [seed0 + i for i in range(n)],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "class": ["cat"] * n,
+            "prompt": [f"a photo of a cat {i % 3}" for i in range(n)],
+            "negative_prompt": [""] * n,
+            "seed": [seed0 + i for i in range(n)],
+        }
+    )
 
 
 @pytest.fixture

@@ -47,8 +47,9 @@ def test_negative_seed_is_accepted_and_deterministic() -> None:
 
 def test_adding_a_class_keeps_the_other_classes_rows() -> None:
     before = expand_prompts(make())
-    after = expand_prompts(make(classes=[{"name": "cat", "count": 5}, {"name": "dog", "count": 4},
-                                         {"name": "traffic_light", "count": 3}]))  # fmt: skip
+    after = expand_prompts(
+        make(classes=[{"name": "cat", "count": 5}, {"name": "dog", "count": 4}, {"name": "traffic_light", "count": 3}])
+    )
     for name in ("cat", "traffic_light"):
         cols = ["prompt", "seed", "prompt_id"]
         pd.testing.assert_frame_equal(
@@ -174,8 +175,15 @@ def test_columns_and_dtypes() -> None:
     frame = expand_prompts(make())
     assert list(frame.columns) == FIXED_COLUMNS + ["color", "place"]
     assert FIXED_COLUMNS == [
-        "prompt_id", "class", "class_id", "phrase", "template", "prompt", "negative_prompt", "seed",
-    ]  # fmt: skip
+        "prompt_id",
+        "class",
+        "class_id",
+        "phrase",
+        "template",
+        "prompt",
+        "negative_prompt",
+        "seed",
+    ]
     assert frame["class_id"].dtype == "int64" and frame["seed"].dtype == "int64"
     for col in ["prompt_id", "class", "phrase", "template", "prompt", "negative_prompt", "color", "place"]:
         assert pd.api.types.is_string_dtype(frame[col]), col

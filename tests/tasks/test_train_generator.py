@@ -11,8 +11,17 @@ from tasks.config import GenerateConfig, TrainGeneratorConfig
 from tasks.generation import generate_images, load_pipeline
 from tasks.train_generator import load_captioned, train_generator
 
-TINY = TrainGeneratorConfig(vae_channels=[8, 16, 16], vae_steps=3, vae_batch=4, unet_channels=[16, 32], unet_steps=3,
-                            unet_batch=4, warmup_steps=1, text_width=16, max_tokens=12)  # fmt: skip
+TINY = TrainGeneratorConfig(
+    vae_channels=[8, 16, 16],
+    vae_steps=3,
+    vae_batch=4,
+    unet_channels=[16, 32],
+    unet_steps=3,
+    unet_batch=4,
+    warmup_steps=1,
+    text_width=16,
+    max_tokens=12,
+)
 
 
 def captioned(n: int) -> tuple[np.ndarray, list[str]]:
@@ -24,8 +33,14 @@ def captioned(n: int) -> tuple[np.ndarray, list[str]]:
 def test_trains_saves_and_loads_like_any_pipeline(tmp_path: Path) -> None:
     images, captions = captioned(8)
     steps: list[tuple[str, int]] = []
-    result = train_generator(images, captions, TINY, tmp_path / "generator", progress=False,
-                             on_step=lambda phase, step, loss: steps.append((phase, step)))  # fmt: skip
+    result = train_generator(
+        images,
+        captions,
+        TINY,
+        tmp_path / "generator",
+        progress=False,
+        on_step=lambda phase, step, loss: steps.append((phase, step)),
+    )
     assert (tmp_path / "generator" / "model_index.json").is_file()
     assert steps == [("vae", 0), ("unet", 0)]
     assert np.isfinite([result.vae_loss, result.unet_loss]).all()

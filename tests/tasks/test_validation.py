@@ -43,19 +43,33 @@ def test_accepts_intended_class_labels_it_and_caches_detections(
         raise AssertionError("detections should come from the cache")
 
     detector.model.predict = refuse
-    again = validate_images(detector, generated, cfg.model_copy(update={"max_objects": 1}), CLASSES,
-                            tmp_path / "labels", tmp_path / "cache", progress=False)  # fmt: skip
+    again = validate_images(
+        detector,
+        generated,
+        cfg.model_copy(update={"max_objects": 1}),
+        CLASSES,
+        tmp_path / "labels",
+        tmp_path / "cache",
+        progress=False,
+    )
     assert not again["accepted"].any()  # new rules, same cached detections
     assert not list((tmp_path / "labels").iterdir()), "labels of images no longer accepted are removed"
 
 
-def test_unmatched_class_fails_before_inference(tiny_models: dict[str, Path], generated: pd.DataFrame,
-                                                tmp_path: Path) -> None:  # fmt: skip
+def test_unmatched_class_fails_before_inference(
+    tiny_models: dict[str, Path], generated: pd.DataFrame, tmp_path: Path
+) -> None:
     detector = load_detector(str(tiny_models["validator"]))
     detector.model.predict = None  # would raise TypeError if called
     with pytest.raises(ValueError, match="class 'square' maps to \\['box'\\]"):
-        validate_images(detector, generated, ValidateConfig(model="x", class_map={"square": ["box"]}), CLASSES,
-                        tmp_path / "labels", tmp_path / "cache")  # fmt: skip
+        validate_images(
+            detector,
+            generated,
+            ValidateConfig(model="x", class_map={"square": ["box"]}),
+            CLASSES,
+            tmp_path / "labels",
+            tmp_path / "cache",
+        )
 
 
 def test_bad_detector_files_are_named(tmp_path: Path, yolo_env: Path) -> None:

@@ -64,8 +64,13 @@ def test_label_coordinates_are_clipped_into_the_image() -> None:
 
 
 def test_summary_rates_and_histogram() -> None:
-    table = pd.DataFrame({"class": ["circle", "circle", "square", "square"], "accepted": [True, False, True, True],
-                          "confidence": [0.95, 0.0, 0.55, 0.51]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "class": ["circle", "circle", "square", "square"],
+            "accepted": [True, False, True, True],
+            "confidence": [0.95, 0.0, 0.55, 0.51],
+        }
+    )
     metrics = summarize_validation(table)
     assert metrics["acceptance_rate"] == 0.75
     assert metrics["acceptance_rate.circle"] == 0.5 and metrics["acceptance_rate.square"] == 1.0

@@ -236,7 +236,11 @@ def test_dvc_import_from_the_registry_like_any_dvc_repo(tmp_path: Path, paths: t
     subprocess.run(["git", "init", "-q"], cwd=consumer, check=True)
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "-q"], cwd=consumer, check=True)
-    subprocess.run([*dvc, "import", str(registry), "datasets/synthetic", "--rev", v1.tag, "-o", "data"],
-                   cwd=consumer, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*dvc, "import", str(registry), "datasets/synthetic", "--rev", v1.tag, "-o", "data"],
+        cwd=consumer,
+        check=True,
+        capture_output=True,
+    )
     assert snapshot(consumer / "data") == FILES
     assert (consumer / "data.dvc").is_file()  # the consumer records where its data came from

@@ -35,8 +35,10 @@ def hold_lock(root: Path) -> subprocess.Popen:
 def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
     holder = hold_lock(tmp_path)
     try:
-        with pytest.raises(WorkspaceBusy, match=rf"{tmp_path}: workspace in use by pid {holder.pid}"), \
-                workspace_lock(tmp_path):  # fmt: skip
+        with (
+            pytest.raises(WorkspaceBusy, match=rf"{tmp_path}: workspace in use by pid {holder.pid}"),
+            workspace_lock(tmp_path),
+        ):
             pass
     finally:
         os.kill(holder.pid, signal.SIGKILL)

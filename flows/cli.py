@@ -84,21 +84,22 @@ def _prepare(params: Path, workspace: Path | None, stages: tuple[str, ...] = ())
 def run(
     params: ParamsOption = Path("params.yaml"),
     workspace: WorkspaceOption = None,
-    flow: Annotated[str, typer.Option(help="pipeline, synthesize or finetune.")] = "pipeline",
+    flow: Annotated[str, typer.Option(help="pipeline, synthesize, finetune or retrain.")] = "pipeline",
     dataset_version: Annotated[str, typer.Option(help="For --flow finetune: a tag or 'latest'.")] = "latest",
     debug: DebugOption = False,
 ) -> None:
     """Run a whole flow through Prefect (a local temporary API unless PREFECT_API_URL is set)."""
 
     def work() -> dict:
-        if flow not in ("pipeline", "synthesize", "finetune"):
-            raise ValueError(f"--flow: {flow!r} is not one of pipeline, synthesize, finetune")
+        if flow not in ("pipeline", "synthesize", "finetune", "retrain"):
+            raise ValueError(f"--flow: {flow!r} is not one of pipeline, synthesize, finetune, retrain")
         from flows.pipeline import FINETUNE, FLOWS, SYNTHESIZE
 
-        _prepare(params, workspace, {"pipeline": STAGES, "synthesize": SYNTHESIZE, "finetune": FINETUNE}[flow])
+        checked = {"pipeline": STAGES, "synthesize": SYNTHESIZE, "finetune": FINETUNE, "retrain": FINETUNE}
+        _prepare(params, workspace, checked[flow])
 
         ws = str(workspace) if workspace else None
-        extra = {"dataset_version": dataset_version} if flow == "finetune" else {}
+        extra = {"dataset_version": dataset_version} if flow == "finetune" else {}  # retrain: always latest
         return FLOWS[flow](params=str(params), workspace=ws, **extra)
 
     summary = _guarded(debug, work)
@@ -127,6 +128,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f = summary["finetune"]
         lines.append(f"  mAP50-95     {f['mAP50-95']:.3f} (mAP50 {f['mAP50']:.3f}) on {f['dataset_version']}")
         lines.append(f"  model        {f['registered_model']} v{f['model_version']}  {f['weights']}")
+        lines.append(f"  champion     v{f['champion_version']}: {f['promotion_reason']}")
     lines.append(f"  mlflow run   {summary['mlflow_run_id']}  ({summary['mlflow_uri']})")
     lines.append(f"  workspace    {summary['workspace']}  (run files in {summary['run_dir']})")
     return "\n".join(lines)

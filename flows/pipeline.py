@@ -1,5 +1,5 @@
-"""Prefect flows: ``synthesize`` (prompts -> version), ``finetune`` (version -> finetune) and
-``pipeline`` (both). Each stage is a Prefect task of the same name; each flow run is one MLflow
+"""Prefect flows: ``synthesize`` (prompts -> version), ``finetune`` (version -> finetune),
+``pipeline`` (both) and ``retrain`` (the scheduled one: optionally a fresh batch, then finetune). Each stage is a Prefect task of the same name; each flow run is one MLflow
 parent run tagged with its Prefect flow run, and each stage a nested MLflow run.
 
 Caching is the stages' own (content-addressed images and detections), so Prefect's input hashing
@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from flows import stages
 from flows.env import configure_environment, tracking_uri
-from tasks.config import STAGES, load_params
+from tasks.config import STAGES, RunOverrides, load_params
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, workspace_lock
 
@@ -27,10 +27,12 @@ FINETUNE = STAGES[5:]
 TASKS = {name: task(name=name, cache_policy=NO_CACHE)(fn) for name, fn in stages.STAGE_FUNCTIONS.items()}
 
 
-def open_context(params_path: str, workspace: str | None, progress: bool = True) -> stages.StageContext:
-    """Load params, set up the workspace's environment and tracking."""
-    overrides = {"workspace": workspace} if workspace else None
-    params = load_params(params_path, overrides)
+def open_context(
+    params_path: str, workspace: str | None, progress: bool = True, overrides: RunOverrides | None = None
+) -> stages.StageContext:
+    """Load params (with a run's overrides), set up the workspace's environment and tracking."""
+    dotted = {**(overrides.dotted() if overrides else {}), **({"workspace": workspace} if workspace else {})}
+    params = load_params(params_path, dotted)
     ws = Workspace(Path(params.workspace).resolve(), params.run_name)
     configure_environment(ws)
     uri = tracking_uri(ws)
@@ -76,22 +78,74 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
     return summary
 
 
+NO_OVERRIDES = RunOverrides()  # frozen, so one shared default is safe
+
+
 @flow(name="synthesize")
-def synthesize(params: str = "params.yaml", workspace: str | None = None) -> dict:
-    """prompts -> generate -> validate -> dataset -> version: a new synthetic dataset version."""
-    return run_stages("synthesize", open_context(params, workspace), SYNTHESIZE)
+def synthesize(
+    params: str = "params.yaml", workspace: str | None = None, overrides: RunOverrides = NO_OVERRIDES
+) -> dict:
+    """prompts -> generate -> validate -> dataset -> version: a new synthetic dataset version.
+
+    Args:
+        params: The params file, relative to the folder the flow runs in.
+        workspace: Write everything here instead of the params file's workspace.
+        overrides: Changes to the params for this run only.
+    """
+    return run_stages("synthesize", open_context(params, workspace, overrides=overrides), SYNTHESIZE)
 
 
 @flow(name="finetune")
-def finetune(params: str = "params.yaml", workspace: str | None = None, dataset_version: str = "latest") -> dict:
-    """Fine-tune the detector on a dataset version (a tag, or "latest") and register it."""
-    return run_stages("finetune", open_context(params, workspace), FINETUNE, dataset_version=dataset_version)
+def finetune(
+    params: str = "params.yaml",
+    workspace: str | None = None,
+    dataset_version: str = "latest",
+    overrides: RunOverrides = NO_OVERRIDES,
+) -> dict:
+    """Fine-tune the detector on a dataset version, register it, and promote it if it wins.
+
+    Args:
+        params: The params file, relative to the folder the flow runs in.
+        workspace: Write everything here instead of the params file's workspace.
+        dataset_version: A version tag such as synthetic-v2, or "latest".
+        overrides: Changes to the params for this run only.
+    """
+    ctx = open_context(params, workspace, overrides=overrides)
+    return run_stages("finetune", ctx, FINETUNE, dataset_version=dataset_version)
 
 
 @flow(name="pipeline")
-def pipeline(params: str = "params.yaml", workspace: str | None = None) -> dict:
-    """The whole DAG: synthesize a dataset version, then fine-tune on it."""
-    return run_stages("pipeline", open_context(params, workspace), STAGES)
+def pipeline(params: str = "params.yaml", workspace: str | None = None, overrides: RunOverrides = NO_OVERRIDES) -> dict:
+    """The whole DAG: synthesize a dataset version, then fine-tune on it.
+
+    Args:
+        params: The params file, relative to the folder the flow runs in.
+        workspace: Write everything here instead of the params file's workspace.
+        overrides: Changes to the params for this run only.
+    """
+    return run_stages("pipeline", open_context(params, workspace, overrides=overrides), STAGES)
 
 
-FLOWS = {"pipeline": pipeline, "synthesize": synthesize, "finetune": finetune}
+@flow(name="retrain")
+def retrain(
+    params: str = "params.yaml",
+    workspace: str | None = None,
+    fresh_batch: bool = False,
+    overrides: RunOverrides = NO_OVERRIDES,
+) -> dict:
+    """Fine-tune on the latest dataset version, after generating a fresh batch if asked. The champion
+    alias moves to the new model only if it beats the champion by finetune.promote_margin.
+
+    Args:
+        params: The params file, relative to the folder the flow runs in.
+        workspace: Write everything here instead of the params file's workspace.
+        fresh_batch: Generate, validate and version a new batch first.
+        overrides: Changes to the params for this run only.
+    """
+    ctx = open_context(params, workspace, overrides=overrides)
+    if fresh_batch:
+        return run_stages("retrain", ctx, STAGES)
+    return run_stages("retrain", ctx, FINETUNE, dataset_version="latest")
+
+
+FLOWS = {"pipeline": pipeline, "synthesize": synthesize, "finetune": finetune, "retrain": retrain}

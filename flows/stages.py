@@ -284,6 +284,7 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
             run_id, result.weights, cfg.registered_model, tags={"dataset.version": made.tag}
         )
         summary = {
+            **promote(ctx, run_id, result.metrics["mAP50-95"], model_version, data / "data.yaml"),
             **result.metrics,
             "per_class": result.per_class,
             "weights": str(result.weights),
@@ -293,6 +294,41 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
         }
         write_text_atomic(ctx.out("finetune", "metrics.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def promote(ctx: StageContext, run_id: str, score: float, model_version: str, data_yaml: Path) -> dict[str, Any]:
+    """Move the champion alias to the new model version if it beats the champion on the same data.
+
+    The champion is re-evaluated here on this run's evaluation set, so the two scores compare like
+    with like even when the dataset has changed since the champion was trained. The decision and its
+    reason are tagged on the finetune run.
+    """
+    from tasks.finetune import evaluate_detector, promotion_decision
+
+    cfg = ctx.params.finetune
+    current = ctx.tracker.champion(cfg.registered_model, cfg.champion_alias)
+    champion_score = None
+    if current is not None:
+        weights = ctx.tracker.download_weights(current.run_id, ctx.out("finetune", "champion"))
+        metrics, _ = evaluate_detector(weights, cfg.eval_data or data_yaml, cfg.eval_split, cfg, ctx.out("finetune"))
+        champion_score = metrics["mAP50-95"]
+    promoted, reason = promotion_decision(score, champion_score, cfg.promote_margin)
+    if promoted:
+        ctx.tracker.set_alias(cfg.registered_model, cfg.champion_alias, model_version)
+    champion_version = model_version if promoted else current.version
+    ctx.tracker.set_tags(
+        run_id,
+        {"promotion.promoted": promoted, "promotion.reason": reason, "promotion.champion_version": champion_version},
+    )
+    if champion_score is not None:
+        ctx.tracker.log_metrics(run_id, {"champion.mAP50-95": champion_score})
+    log.info("promotion: %s", reason)
+    return {
+        "promoted": promoted,
+        "promotion_reason": reason,
+        "champion_version": str(champion_version),
+        "champion_score": champion_score,
+    }
 
 
 def world(ctx: StageContext, out: Path) -> dict[str, Any]:

@@ -203,6 +203,10 @@ class FinetuneConfig(Section):
     eval_data: Path | None = Field(None, description="data.yaml of a held-out (real) set; default the val split.")
     eval_split: Literal["train", "val", "test"] = "val"
     registered_model: Name = "synthdet-detector"
+    champion_alias: Name = Field("champion", description="Registry alias moved to a model that wins.")
+    promote_margin: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.0, description="mAP50-95 a new model must gain over the champion to replace it."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,3 +332,43 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = value
+
+
+class RunOverrides(BaseModel):
+    """Changes to ``params.yaml`` for one run: the form the Prefect UI shows when a run is triggered.
+
+    Every field is optional; what is set replaces the matching params entry, and the result is
+    validated like the file itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_name: Name | None = Field(None, description="runs/<run_name>/ in the workspace.")
+    classes: dict[Name, PositiveInt] | None = Field(
+        None, description="Class name -> number of prompts; replaces prompts.classes.", examples=[{"circle": 16}]
+    )
+    conditions: dict[str, Weight] | None = Field(
+        None, description="Condition -> weight; replaces prompts.axes.condition.", examples=[{"night": 1, "fog": 1}]
+    )
+    generator: str | None = Field(None, description="generate.model: a diffusers folder or hub id.")
+    num_inference_steps: PositiveInt | None = Field(None, description="generate.num_inference_steps.")
+    validator: str | None = Field(None, description="validate.model: ultralytics weights.")
+    conf: Fraction | None = Field(None, description="validate.conf: acceptance threshold.")
+    start_weights: str | None = Field(None, description="finetune.model: weights to fine-tune from.")
+    epochs: PositiveInt | None = Field(None, description="finetune.epochs.")
+
+    def dotted(self) -> dict[str, Any]:
+        """The overrides as dotted params keys, for :func:`load_params`."""
+        out: dict[str, Any] = {}
+        if self.classes is not None:
+            out["prompts.classes"] = [{"name": name, "count": count} for name, count in self.classes.items()]
+        if self.conditions is not None:
+            out["prompts.axes.condition"] = dict(self.conditions)
+        fields = {"run_name": "run_name", "generator": "generate.model", "num_inference_steps":
+                  "generate.num_inference_steps", "validator": "validate.model", "conf": "validate.conf",
+                  "start_weights": "finetune.model", "epochs": "finetune.epochs"}  # fmt: skip
+        for field, key in fields.items():
+            value = getattr(self, field)
+            if value is not None:
+                out[key] = value
+        return out

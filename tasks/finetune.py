@@ -130,3 +130,15 @@ def finetune_detector(
     metrics, per_class = evaluate_detector(weights, eval_data, cfg.eval_split, cfg, out_dir)
     plots = sorted(p for p in train_dir.glob("*") if p.suffix in {".png", ".jpg"})
     return FinetuneResult(weights, train_dir, metrics, per_class, plots)
+
+
+def promotion_decision(challenger: float, champion: float | None, margin: float) -> tuple[bool, str]:
+    """Whether a new model replaces the champion: only if it beats it by at least ``margin``.
+
+    Both scores are mAP50-95 on the same evaluation set. The first model always becomes champion.
+    """
+    if champion is None:
+        return True, f"first model: mAP50-95 {challenger:.4f} becomes champion"
+    if challenger >= champion + margin:
+        return True, f"mAP50-95 {challenger:.4f} beats champion {champion:.4f} by >= {margin}"
+    return False, f"mAP50-95 {challenger:.4f} does not beat champion {champion:.4f} by {margin}; champion kept"

@@ -147,6 +147,21 @@ class Tracker:
         version = self.client.create_model_version(name, source, run_id=run_id, tags=dict(tags or {}))
         return str(version.version)
 
+    def champion(self, name: str, alias: str) -> Any | None:
+        """The model version ``alias`` points at, or None if the alias (or the model) does not exist."""
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def download_weights(self, run_id: str, dest: Path) -> Path:
+        """The ``weights/best.pt`` a finetune run logged, copied under ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, "weights/best.pt", str(dest)))
+
 
 def redact(uri: str) -> str:
     """The URI without a password, fit for messages and logs."""

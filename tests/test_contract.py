@@ -66,3 +66,16 @@ def test_only_tracking_imports_mlflow_and_only_versioning_runs_dvc() -> None:
             assert "import mlflow" not in text and "from mlflow" not in text, path
         if path.stem != "versioning":
             assert '"dvc"' not in text and "import dvc" not in text, path
+
+
+def test_prefect_deployments_point_at_the_flows() -> None:
+    from flows.pipeline import FLOWS
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    assert {d["name"] for d in deployments} == set(FLOWS)
+    for deployment in deployments:
+        path, function = deployment["entrypoint"].split(":")
+        assert path == "flows/pipeline.py" and FLOWS[deployment["name"]].fn.__name__ == function
+        FLOWS[deployment["name"]].validate_parameters(deployment.get("parameters", {}))
+    (retrain,) = [d for d in deployments if d["name"] == "retrain"]
+    assert retrain["schedules"][0]["active"] is False  # paused until the user enables it

@@ -150,6 +150,9 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     (model_version,) = client.search_model_versions("name='synthdet-detector'")
     assert model_version.run_id == children["finetune"].info.run_id
     assert model_version.tags["dataset.version"] == "synthetic-v1"
+    assert str(client.get_model_version_by_alias("synthdet-detector", "champion").version) == "1"
+    assert children["finetune"].data.tags["promotion.reason"].startswith("first model")
+    assert "champion     v1: first model" in first.stdout
 
     # A run with changed params makes version 2; version 1 comes back byte for byte.
     raw = yaml.safe_load(smoke_params.read_text())
@@ -166,10 +169,24 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     assert snapshot(restored) == v1_dataset
     assert snapshot(run / "dataset") != v1_dataset
     assert len(client.search_model_versions("name='synthdet-detector'")) == 2
+    # The second model was compared with the champion, re-evaluated on the same data; the alias
+    # follows the decision recorded on the run.
+    finetune_runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'finetune'")
+    latest = max(finetune_runs, key=lambda r: r.info.start_time)
+    assert "champion.mAP50-95" in latest.data.metrics
+    promoted = latest.data.tags["promotion.promoted"] == "True"
+    champion = str(client.get_model_version_by_alias("synthdet-detector", "champion").version)
+    assert champion == ("2" if promoted else "1")
+
+    # The retrain flow fine-tunes on the latest version and records its promotion decision.
+    retrained = synthdet(["run", "--flow", "retrain", "--params", str(smoke_params)], guarded_env)
+    assert "synthdet retrain: done" in retrained.stdout and "on synthetic-v2" in retrained.stdout
+    assert len(client.search_model_versions("name='synthdet-detector'")) == 3
+    assert "champion     v" in retrained.stdout
 
     # No planted secret was written anywhere in the workspace (MLflow store and artifacts, Prefect's
     # database and logs, the registry, the run folders) or printed.
-    printed = first.stdout + first.stderr + second.stdout + second.stderr
+    printed = "".join(r.stdout + r.stderr for r in (first, second, retrained))
     for secret in SECRETS.values():
         assert secret not in printed
         leaks = [p for p in ws.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

@@ -277,6 +277,85 @@ def train_generator(
     _run_stage(params, workspace, debug, "train-generator", data=data, out=out)
 
 
+# -- local services ---------------------------------------------------------------------------
+PrefectPort = Annotated[int, typer.Option(help="Prefect server port.")]
+MlflowPort = Annotated[int, typer.Option(help="MLflow server port.")]
+HostOption = Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the servers.")]
+
+
+def _services(params: Path, workspace: Path | None, prefect_port: int, mlflow_port: int, host: str):
+    from flows.env import configure_environment
+    from flows.services import Ports
+
+    overrides = {"workspace": str(workspace)} if workspace else None
+    loaded = load_params(params, overrides)
+    ws = Workspace(Path(loaded.workspace).resolve())
+    configure_environment(ws)
+    return ws, Ports(prefect=prefect_port, mlflow=mlflow_port, host=host)
+
+
+@app.command()
+def up(
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    prefect_port: PrefectPort = 4200,
+    mlflow_port: MlflowPort = 5000,
+    host: HostOption = "127.0.0.1",
+    debug: DebugOption = False,
+) -> None:
+    """Start a Prefect server, a worker with the deployments, and an MLflow server (idempotent)."""
+    from flows import services
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: binding {host}: the servers have no authentication; anyone who can reach "
+                   "this address can run flows and read runs", err=True)  # fmt: skip
+
+    def work() -> dict:
+        ws, ports = _services(params, workspace, prefect_port, mlflow_port, host)
+        return services.up(ws, ports, Path.cwd())
+
+    pids = _guarded(debug, work)
+    typer.echo(f"prefect  http://{host}:{prefect_port}   (pid {pids['prefect']}, worker pid {pids['worker']})")
+    typer.echo(f"mlflow   http://{host}:{mlflow_port}   (pid {pids['mlflow']})")
+
+
+@app.command()
+def status(
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    prefect_port: PrefectPort = 4200,
+    mlflow_port: MlflowPort = 5000,
+    host: HostOption = "127.0.0.1",
+    debug: DebugOption = False,
+) -> None:
+    """Report each service `up` started: its pid and whether it answers."""
+    from flows import services
+
+    def work() -> dict:
+        return services.status(*_services(params, workspace, prefect_port, mlflow_port, host))
+
+    report = _guarded(debug, work)
+    for name, state in report.items():
+        health = "healthy" if state["healthy"] else ("running" if state["running"] else "stopped")
+        typer.echo(f"{name:8} {health:8} pid {state['pid'] or '-'}  {state['url'] or ''}")
+    if not all(state["healthy"] for state in report.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption = None,
+         debug: DebugOption = False) -> None:  # fmt: skip
+    """Stop exactly the processes `up` started."""
+    from flows import services
+
+    def work() -> list:
+        ws, _ = _services(params, workspace, 0, 0, "127.0.0.1")
+        return services.down(ws)
+
+    stopped = _guarded(debug, work)
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
 # -- placeholder models -----------------------------------------------------------------------
 @app.command("tiny-models")
 def tiny_models(

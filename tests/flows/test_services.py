@@ -1,0 +1,76 @@
+"""The platform, for real: `synthdet up` starts a Prefect server, a worker with the deployments and an
+MLflow server on free loopback ports; a `pipeline` run is triggered through the Prefect API with custom
+parameters, as the dashboard's Run button does; `synthdet down` leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_up_trigger_a_deployment_and_down(smoke_params: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    ws = tmp_path / "workspace"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "YOLO_CONFIG_DIR")}
+    ports = ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+
+    def synthdet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--params", str(smoke_params)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert not check or result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    try:
+        synthdet("up", *ports)
+        status = synthdet("status", *ports).stdout
+        assert status.count("healthy") == 3, status
+        pids = {line.split()[0]: line.split()[3] for line in status.splitlines()}
+        synthdet("up", *ports)  # idempotent: nothing new starts
+        assert {line.split()[0]: line.split()[3] for line in synthdet("status", *ports).stdout.splitlines()} == pids
+
+        # What the dashboard's Run button does: a flow run of the deployment, with parameters.
+        parameters = {"params": str(smoke_params), "workspace": str(ws),
+                      "overrides": {"run_name": "dashboard", "epochs": 1}}  # fmt: skip
+        api_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
+        run = subprocess.run([str(Path(sys.executable).with_name("prefect")), "deployment", "run", "pipeline/pipeline",
+                              "--params", json.dumps(parameters), "--watch", "--watch-timeout", "480"],
+                             cwd=ROOT, env=api_env, capture_output=True, text=True, timeout=540)  # fmt: skip
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+
+        # The run logged to the MLflow server, linked back to its Prefect flow run.
+        client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+        experiment = client.get_experiment_by_name("synthdet")
+        (parent,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pipeline'")
+        assert parent.data.tags["synthdet.run_name"] == "dashboard"
+        assert parent.data.tags["prefect.flow_run_url"].startswith(f"http://127.0.0.1:{prefect_port}/")
+        assert parent.data.metrics["validate.accepted"] > 0
+        assert "accepted_grid.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        champion = client.get_model_version_by_alias("synthdet-detector", "champion")
+        assert str(champion.version) == "1"
+        assert (ws / "runs" / "dashboard" / "version" / "version.json").is_file()
+    finally:
+        synthdet("down")
+
+    assert "stopped" in synthdet("status", *ports, check=False).stdout
+    strays = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+              if any(str(port) in " ".join(p.info["cmdline"] or []) for port in (prefect_port, mlflow_port))
+              or "synthdet-local" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    assert not strays, strays

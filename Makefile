@@ -11,6 +11,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v git >/dev/null || (apt-get update && apt-get install -y git)
+	@# Debian's Chromium for the browser tests (playwright drives it; no browser download).
+	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# pip (not uv/poetry): torch and torchvision come from this machine's local wheels.

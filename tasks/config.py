@@ -343,7 +343,7 @@ class RunOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run_name: Name | None = Field(None, description="runs/<run_name>/ in the workspace.")
+    run_name: Name | None = Field(None, description="Names the run folder, runs/RUN_NAME in the workspace.")
     classes: dict[Name, PositiveInt] | None = Field(
         None, description="Class name -> number of prompts; replaces prompts.classes.", examples=[{"circle": 16}]
     )

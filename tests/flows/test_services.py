@@ -18,6 +18,34 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def browse(prefect_port: int, mlflow_port: int, experiment_id: str, run_id: str, shots: Path) -> None:
+    """Open the deployment's Run form and the MLflow run's artifacts in headless Chromium."""
+    import requests
+    from playwright.sync_api import sync_playwright
+
+    shots.mkdir(parents=True, exist_ok=True)
+    deployment = requests.get(f"http://127.0.0.1:{prefect_port}/api/deployments/name/pipeline/pipeline", timeout=10)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://127.0.0.1:{prefect_port}/deployments/deployment/{deployment.json()['id']}/run")
+        for text in ("The params file, relative to the folder the flow runs in.", "finetune.epochs."):
+            page.get_by_text(text).first.wait_for(timeout=120_000)  # the typed form, with descriptions
+        page.screenshot(path=shots / "prefect-run-form.png")
+        page.goto(f"http://127.0.0.1:{mlflow_port}/#/experiments/{experiment_id}/runs/{run_id}/artifacts")
+        page.get_by_text("accepted_grid.png").first.wait_for(timeout=120_000)
+        page.get_by_text("rejected_grid.png").first.wait_for(timeout=10_000)
+        page.get_by_text("accepted_grid.png").first.click()
+        page.locator("img").last.wait_for(timeout=30_000)  # the grid itself is shown
+        page.screenshot(path=shots / "mlflow-run-artifacts.png")
+        browser.close()
+    assert all((shots / name).stat().st_size > 10_000 for name in ("prefect-run-form.png", "mlflow-run-artifacts.png"))
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -66,6 +94,8 @@ def test_up_trigger_a_deployment_and_down(smoke_params: Path, tmp_path: Path) ->
         champion = client.get_model_version_by_alias("synthdet-detector", "champion")
         assert str(champion.version) == "1"
         assert (ws / "runs" / "dashboard" / "version" / "version.json").is_file()
+
+        browse(prefect_port, mlflow_port, experiment.experiment_id, parent.info.run_id, tmp_path / "screenshots")
     finally:
         synthdet("down")
 

@@ -126,7 +126,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  version      {v['tag']} ({v['dvc_md5']}, {pushed})")
     if "finetune" in summary:
         f = summary["finetune"]
-        lines.append(f"  mAP50-95     {f['mAP50-95']:.3f} (mAP50 {f['mAP50']:.3f}) on {f['dataset_version']}")
+        start = "" if f.get("start_mAP50-95") is None else f"; starting weights {f['start_mAP50-95']:.3f}"
+        lines.append(f"  fine-tuned   on {f['dataset_version']}")
+        lines.append(f"  mAP50-95     {f['mAP50-95']:.3f} (mAP50 {f['mAP50']:.3f}){start}, on {f['eval_set']}")
         lines.append(f"  model        {f['registered_model']} v{f['model_version']}  {f['weights']}")
         lines.append(f"  champion     v{f['champion_version']}: {f['promotion_reason']}")
     lines.append(f"  mlflow run   {summary['mlflow_run_id']}  ({summary['mlflow_uri']})")
@@ -139,10 +141,11 @@ def _run_stage(params: Path, workspace: Path | None, debug: bool, stage: str, **
     def work() -> dict:
         _prepare(params, workspace, (stage,) if stage in STAGES else ())
         from flows import stages
-        from flows.pipeline import open_context
+        from flows.pipeline import open_context, reap_crashed
 
         ctx = open_context(str(params), str(workspace) if workspace else None)
         with workspace_lock(ctx.ws.root):
+            reap_crashed(ctx)
             return getattr(stages, stage.replace("-", "_"))(ctx, **kwargs)
 
     typer.echo(json.dumps(_guarded(debug, work), indent=2, default=str))
@@ -240,12 +243,19 @@ def datasets_push(
 @app.command("world")
 def world(
     out: Annotated[Path, typer.Option(help="Folder for the data sets.")] = Path("data/world"),
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Build only this set (repeatable): common_train, common_val, rare_scarce, test, "
+            "captioned, reference_train."
+        ),
+    ] = None,  # fmt: skip
     params: ParamsOption = Path("params.yaml"),
     workspace: WorkspaceOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Render the procedural world's labelled and captioned data sets (params: world)."""
-    _run_stage(params, workspace, debug, "world", out=out)
+    _run_stage(params, workspace, debug, "world", out=out, only=only)
 
 
 @app.command("train-validator")
@@ -255,12 +265,17 @@ def train_validator(
     tests: Annotated[Path | None, typer.Option(help="Folder of <condition>/data.yaml test sets.")] = Path(
         "data/world/test"
     ),
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override train-validator.epochs.")] = None,
     params: ParamsOption = Path("params.yaml"),
     workspace: WorkspaceOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Train the default validator, a YOLO26n from its yaml (params: train-validator)."""
-    _run_stage(params, workspace, debug, "train-validator", data=data, out=out, tests=tests)
+    """Train the default validator, a YOLO26n from its yaml (params: train-validator).
+
+    The reference detector of evaluate-default is the same recipe on every condition:
+    --data data/world/reference_train/data.yaml --out models/reference.pt --epochs 30
+    """
+    _run_stage(params, workspace, debug, "train-validator", data=data, out=out, tests=tests, epochs=epochs)
 
 
 @app.command("train-generator")
@@ -275,6 +290,30 @@ def train_generator(
 ) -> None:
     """Train the default text-to-image latent diffusion model (params: train-generator)."""
     _run_stage(params, workspace, debug, "train-generator", data=data, out=out)
+
+
+@app.command("evaluate-default")
+def evaluate_default(
+    world: Annotated[Path, typer.Option(help="The world's data sets (needs test/<condition>/).")] = Path("data/world"),
+    generator: Annotated[Path, typer.Option(help="The diffusers pipeline folder.")] = Path("models/generator"),
+    validator: Annotated[Path, typer.Option(help="The default validator .pt.")] = Path("models/validator.pt"),
+    reference: Annotated[Path, typer.Option(help="A detector trained on every condition, to judge rare ones.")] = Path(
+        "models/reference.pt"
+    ),
+    out: Annotated[Path, typer.Option(help="Where the report, JSON and sample grid go.")] = Path("docs"),
+    per_cell: Annotated[int, typer.Option(min=1, help="Images per class x condition cell and source.")] = 24,
+    conf: Annotated[float, typer.Option(min=0.0, max=1.0, help="Confidence a judge needs to count a find.")] = 0.25,
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Measure the default models: generator fidelity per class x condition, detector mAP, training cost.
+
+    Writes docs/default-model.md, docs/default-model.json and docs/default-samples.png.
+    """
+    command = "synthdet evaluate-default" + ("" if per_cell == 24 else f" --per-cell {per_cell}")
+    _run_stage(params, workspace, debug, "evaluate-default", world=world, generator=generator, validator=validator,
+               reference=reference, out=out, per_cell=per_cell, conf=conf, command=command)  # fmt: skip
 
 
 # -- local services ---------------------------------------------------------------------------

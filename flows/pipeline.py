@@ -8,18 +8,27 @@ is off (``NO_CACHE``): a re-run of a flow does only the work that is new.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from flows import stages
 from flows.env import configure_environment, tracking_uri
 from tasks.config import STAGES, RunOverrides, load_params
 from tasks.tracking import Tracker
-from tasks.workspace import Workspace, workspace_lock
+from tasks.workspace import Workspace, sweep_temp_files, workspace_lock
+
+log = logging.getLogger(__name__)
+
+# A flow run waits this long for another run of its workspace to finish (a triggered retrain often
+# starts while the synthesize run that triggered it is still closing); a single stage command does not wait.
+LOCK_WAIT_S = 600
 
 SYNTHESIZE = STAGES[:5]
 FINETUNE = STAGES[5:]
@@ -37,12 +46,11 @@ def open_context(
     configure_environment(ws)
     uri = tracking_uri(ws)
     artifacts = ws.mlflow_artifacts.resolve().as_uri() if uri == ws.mlflow_uri else None
-    return stages.StageContext(params, ws, Tracker(uri, artifacts), progress=progress)
+    return stages.StageContext(params, ws, Tracker(uri, artifacts), progress=progress, params_file=params_path)
 
 
 def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...], **finetune_args: Any) -> dict:
     """Run stages in order as Prefect tasks under one MLflow parent run; return a summary."""
-    logger = get_run_logger()
     tags = {
         "synthdet.flow": flow_name,
         "synthdet.run_name": ctx.params.run_name,
@@ -57,7 +65,50 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
         "mlflow_uri": ctx.tracker.uri,
     }
     stages.preflight(ctx.params, names)
-    with workspace_lock(ctx.ws.root), ctx.tracker.run(flow_name, tags=tags) as parent:
+    with workspace_lock(ctx.ws.root, wait_s=LOCK_WAIT_S):
+        reap_crashed(ctx)
+        return _run_under_parent(flow_name, ctx, names, {**tags, **ctx.owner_tags()}, finetune_args, summary)
+
+
+def reap_crashed(ctx: stages.StageContext) -> list[str]:
+    """Clean up after an earlier run of this workspace that was killed (SIGKILL, power loss).
+
+    Call with the workspace lock held: no live process then owns a run of this workspace, so any MLflow
+    run of it still RUNNING is dead. Those runs become FAILED (tag ``synthdet.crashed``) and their
+    Prefect flow runs, if still running, become Crashed. Temporary files it left half-written are
+    deleted (finished files are only ever renamed into place). Returns the MLflow run ids closed.
+    """
+    reason = f"found still running by pid {os.getpid()}: its process died without ending it"
+    stale = ctx.tracker.fail_stale_runs({"synthdet.workspace": str(ctx.ws.root.resolve())}, reason)
+    flow_runs = {r.data.tags.get("prefect.flow_run_id") for r in stale} - {None, ""}
+    if flow_runs:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            for flow_run_id in flow_runs:
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and not state.is_final():
+                    client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+    if stale:
+        log.warning("closed %d run(s) left running by a killed process: %s", len(stale),
+                    ", ".join(r.info.run_id for r in stale))  # fmt: skip
+    swept = sweep_temp_files(ctx.ws.root)
+    if swept:
+        log.warning("deleted %d half-written temporary file(s) left by a killed process", len(swept))
+    return [r.info.run_id for r in stale]
+
+
+def _run_under_parent(
+    flow_name: str,
+    ctx: stages.StageContext,
+    names: tuple[str, ...],
+    tags: dict[str, str],
+    finetune_args: dict,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    with ctx.tracker.run(flow_name, tags=tags) as parent:
         ctx.parent_run = parent
         summary["mlflow_run_id"] = parent
         for name in names:
@@ -65,6 +116,8 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
             result = TASKS[name](ctx, **args)
             logger.info("%s: %s", name, {k: v for k, v in result.items() if k != "per_class"})
             summary[name] = result
+            if name == "version" and result["new"]:
+                announce_version(ctx, flow_name, result)
         numbers = {
             f"{stage}.{key}": value
             for stage, result in summary.items()
@@ -76,6 +129,32 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
         summary["mlflow_run_ids"] = dict(ctx.run_ids)
         ctx.tracker.log_dict(parent, summary, "summary.json")
     return summary
+
+
+VERSIONED = "synthdet.dataset.versioned"
+
+
+def announce_version(ctx: stages.StageContext, flow_name: str, version: dict[str, Any]) -> None:
+    """Emit a Prefect event for a new dataset version; the ``retrain`` deployment's trigger reacts to it.
+
+    The payload carries what the triggered run needs (params file, workspace, version tag). Outside a
+    Prefect server (the CLI, tests without one) the event goes nowhere.
+    """
+    emit_event(
+        event=VERSIONED,
+        resource={
+            "prefect.resource.id": f"synthdet.dataset.{version['name']}",
+            "prefect.resource.name": version["tag"],
+            "synthdet.flow": flow_name,
+        },
+        payload={
+            "version": version["tag"],
+            "files": version["files"],
+            "params": ctx.params_file,
+            "workspace": str(ctx.ws.root.resolve()),
+            "run_name": ctx.params.run_name,
+        },
+    )
 
 
 NO_OVERRIDES = RunOverrides()  # frozen, so one shared default is safe
@@ -131,21 +210,26 @@ def retrain(
     params: str = "params.yaml",
     workspace: str | None = None,
     fresh_batch: bool = False,
+    dataset_version: str = "latest",
     overrides: RunOverrides = NO_OVERRIDES,
 ) -> dict:
-    """Fine-tune on the latest dataset version, after generating a fresh batch if asked. The champion
-    alias moves to the new model only if it beats the champion by finetune.promote_margin.
+    """Fine-tune on a dataset version (the latest by default), after generating a fresh batch if asked.
+    The champion alias moves to the new model only if it beats the champion by finetune.promote_margin.
+
+    Runs nightly when its schedule is enabled, and whenever the synthesize flow makes a new dataset
+    version (the deployment's event trigger passes that version).
 
     Args:
         params: The params file, relative to the folder the flow runs in.
         workspace: Write everything here instead of the params file's workspace.
-        fresh_batch: Generate, validate and version a new batch first.
+        fresh_batch: Generate, validate and version a new batch first, and fine-tune on it.
+        dataset_version: A version tag such as synthetic-v2, or "latest"; ignored with fresh_batch.
         overrides: Changes to the params for this run only.
     """
     ctx = open_context(params, workspace, overrides=overrides)
     if fresh_batch:
         return run_stages("retrain", ctx, STAGES)
-    return run_stages("retrain", ctx, FINETUNE, dataset_version="latest")
+    return run_stages("retrain", ctx, FINETUNE, dataset_version=dataset_version)
 
 
 FLOWS = {"pipeline": pipeline, "synthesize": synthesize, "finetune": finetune, "retrain": retrain}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tasks.config import GenerateConfig
+from tasks.retry import with_retries
 from tasks.workspace import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -171,6 +173,8 @@ def generate_images(
     """
     import torch
 
+    if cfg.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # importing ultralytics leaves torch on cpu_count - 1 threads
     images_dir.mkdir(parents=True, exist_ok=True)
     rows = prompts.to_dict("records")
     ids = [image_id(row, loaded, cfg) for row in rows]
@@ -188,21 +192,27 @@ def generate_images(
     log.info("generate: %d images to make, %d already done", len(todo), len(records) - len(todo))
 
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+    shards = -(-len(todo) // cfg.batch_size)
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start : start + cfg.batch_size]
-        generators = [torch.Generator(cfg.device).manual_seed(int(row["seed"])) for _, row in batch]
+
+        def render(batch: list[tuple[str, dict[str, Any]]] = batch) -> Any:
+            generators = [torch.Generator(cfg.device).manual_seed(int(row["seed"])) for _, row in batch]
+            with torch.inference_mode():
+                return loaded.pipe(
+                    prompt=[row["prompt"] for _, row in batch],
+                    negative_prompt=[row["negative_prompt"] for _, row in batch],
+                    generator=generators,
+                    num_inference_steps=cfg.num_inference_steps,
+                    guidance_scale=cfg.guidance_scale,
+                    height=cfg.height,
+                    width=cfg.width,
+                    output_type="np",
+                )
+
         began = time.perf_counter()
-        with torch.inference_mode():
-            out = loaded.pipe(
-                prompt=[row["prompt"] for _, row in batch],
-                negative_prompt=[row["negative_prompt"] for _, row in batch],
-                generator=generators,
-                num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale,
-                height=cfg.height,
-                width=cfg.width,
-                output_type="np",
-            )
+        shard = f"generate batch {start // cfg.batch_size + 1}/{shards} (images {batch[0][0]}..{batch[-1][0]})"
+        out = with_retries(render, shard, cfg.retries, cfg.retry_backoff_s)
         seconds = (time.perf_counter() - began) / len(batch)
         for (image, _), pixels in zip(batch, out.images, strict=True):
             records[image] = _store(images_dir, image, np.asarray(pixels, dtype=np.float32), seconds)

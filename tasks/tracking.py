@@ -81,6 +81,20 @@ class Tracker:
             raise
         self.end_run(run_id)
 
+    def fail_stale_runs(self, tags: Mapping[str, str], reason: str) -> list[Any]:
+        """Mark FAILED every run still RUNNING with these tags, e.g. those of a killed process.
+
+        Only call this when no live process can own such a run (synthdet holds the workspace lock).
+        The reason goes into the ``synthdet.crashed`` tag. Returns the runs as they were found.
+        """
+        running = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=10_000)
+        # Matched here rather than in the query: tag values (paths) may hold quotes the filter syntax chokes on.
+        stale = [run for run in running if all(run.data.tags.get(k) == v for k, v in tags.items())]
+        for run in stale:
+            self.client.set_tag(run.info.run_id, "synthdet.crashed", reason)
+            self.end_run(run.info.run_id, failed=True)
+        return stale
+
     # -- data -------------------------------------------------------------------------------
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():

@@ -19,6 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from tasks.config import ValidateConfig
+from tasks.retry import with_retries
 from tasks.workspace import write_text_atomic
 
 if TYPE_CHECKING:
@@ -105,17 +106,23 @@ def detect(
     results: list[list[dict[str, Any]] | None] = [json.loads(c.read_text()) if c.is_file() else None for c in cached]
     todo = [i for i, r in enumerate(results) if r is None]
     bar = tqdm(total=len(todo), desc="validate", unit="img", disable=not progress)
+    shards = -(-len(todo) // cfg.batch)
     for start in range(0, len(todo), cfg.batch):
         chunk = todo[start : start + cfg.batch]
-        predictions = detector.model.predict(
-            [str(paths[i]) for i in chunk],
-            imgsz=cfg.imgsz,
-            conf=cfg.conf,
-            iou=cfg.iou,
-            device=cfg.device,
-            batch=cfg.batch,
-            verbose=False,
-        )
+
+        def predict(chunk: list[int] = chunk) -> list[Any]:
+            return detector.model.predict(
+                [str(paths[i]) for i in chunk],
+                imgsz=cfg.imgsz,
+                conf=cfg.conf,
+                iou=cfg.iou,
+                device=cfg.device,
+                batch=cfg.batch,
+                verbose=False,
+            )
+
+        shard = f"validate batch {start // cfg.batch + 1}/{shards} ({paths[chunk[0]].name}..{paths[chunk[-1]].name})"
+        predictions = with_retries(predict, shard, cfg.retries, cfg.retry_backoff_s)
         for i, pred in zip(chunk, predictions, strict=True):
             boxes = pred.boxes
             found = [

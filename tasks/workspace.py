@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +87,26 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")  # what atomic_path's mkstemp names look like
+
+
+def sweep_temp_files(root: Path, folders: tuple[str, ...] = ("cache", "runs")) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` that a killed process left behind, and a
+    half-built default registry (``.registry.*``, see ``tasks.versioning.open_registry``).
+
+    Call with the workspace lock held (no live writer). Returns what was deleted.
+    """
+    swept = [build for build in root.glob(".registry.*") if build.is_dir()]  # a registry being created
+    for build in swept:
+        shutil.rmtree(build)
+    for folder in folders:
+        for path in (root / folder).rglob(".*.tmp*") if (root / folder).is_dir() else ():
+            if path.is_file() and _TEMP.match(path.name):
+                path.unlink()
+                swept.append(path)
+    return swept
+
+
 def write_text_atomic(target: Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
@@ -100,28 +122,39 @@ class WorkspaceBusy(RuntimeError):
 
 
 @contextmanager
-def workspace_lock(root: Path) -> Iterator[None]:
+def workspace_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Hold ``<root>/.lock`` for the duration of a run, so two runs never write one workspace at once.
 
     The lock is an ``flock`` on an open file: the kernel drops it when the holder exits, even by
     SIGKILL, so a crashed run never leaves a stale lock behind.
 
+    Args:
+        root: the workspace.
+        wait_s: how long to wait for a holder to finish; 0 fails at once.
+
     Raises:
-        WorkspaceBusy: naming the workspace and the holder's pid, if another process holds it.
+        WorkspaceBusy: naming the workspace and the holder's pid, if another process still holds it.
     """
     import fcntl
+    import time
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".lock"
+    deadline = time.monotonic() + wait_s
     with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise WorkspaceBusy(
-                f"{root}: workspace in use by {holder}; wait for it to finish or use --workspace DIR"
-            ) from None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if time.monotonic() >= deadline:
+                    waited = f" after waiting {wait_s:.0f} s" if wait_s else ""
+                    raise WorkspaceBusy(
+                        f"{root}: workspace in use by {holder}{waited}; wait for it to finish or use --workspace DIR"
+                    ) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

@@ -4,6 +4,7 @@ local remote. Network access other than loopback is recorded and refused in ever
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,6 +161,10 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     smoke_params.write_text(yaml.safe_dump(raw))
     second = synthdet(["run", "--params", str(smoke_params)], guarded_env)
     assert "version      synthetic-v2" in second.stdout
+    assert json.loads((run / "version" / "version.json").read_text())["new"] is True
+    synthdet(["version", "--params", str(smoke_params)], guarded_env)  # the same content again: no new version
+    again = json.loads((run / "version" / "version.json").read_text())
+    assert again["tag"] == "synthetic-v2" and again["new"] is False
     listed = synthdet(["datasets", "list", "--params", str(smoke_params)], guarded_env).stdout
     assert "synthetic-v1" in listed and "synthetic-v2" in listed
     restored = tmp_path / "restored"
@@ -180,7 +185,7 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
 
     # The retrain flow fine-tunes on the latest version and records its promotion decision.
     retrained = synthdet(["run", "--flow", "retrain", "--params", str(smoke_params)], guarded_env)
-    assert "synthdet retrain: done" in retrained.stdout and "on synthetic-v2" in retrained.stdout
+    assert "synthdet retrain: done" in retrained.stdout and "fine-tuned   on synthetic-v2" in retrained.stdout
     assert len(client.search_model_versions("name='synthdet-detector'")) == 3
     assert "champion     v" in retrained.stdout
 

@@ -1,6 +1,7 @@
 """generate on a tiny real diffusers pipeline: manifest, seeds, resume, degenerate outputs."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,41 @@ def test_scheduler_override_and_bad_model_paths(cfg: GenerateConfig, tmp_path: P
         resolve_model_dir(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no hub snapshot"):
         resolve_model_dir("someone/not-cached-model")  # offline: fails at once, names the id
+
+
+class FlakyPipe(CountingPipe):
+    """Fails the calls whose numbers (1-based) are in ``failing``, like a transient device error."""
+
+    def __init__(self, pipe, failing: set[int]):
+        super().__init__(pipe)
+        self.calls, self.failing = 0, failing
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if self.calls in self.failing:
+            raise RuntimeError(f"injected fault in call {self.calls}")
+        return super().__call__(**kwargs)
+
+
+def test_a_failing_batch_is_retried_with_backoff(cfg: GenerateConfig, tmp_path: Path) -> None:
+    loaded = load_pipeline(cfg)
+    loaded = replace(loaded, pipe=FlakyPipe(loaded.pipe, failing={2, 3}))  # batch 2 fails twice, then works
+    cfg = cfg.model_copy(update={"retries": 2, "retry_backoff_s": 0.01})
+    table = generate_images(loaded, prompt_table(7), cfg, tmp_path, progress=False)
+    assert (table["status"] == "ok").all() and loaded.pipe.calls == 5  # 3 batches + 2 retries
+
+
+def test_a_batch_that_keeps_failing_names_itself_and_finished_batches_are_reused(
+    cfg: GenerateConfig, tmp_path: Path
+) -> None:
+    from tasks.retry import ShardFailed
+
+    base = load_pipeline(cfg)
+    loaded = replace(base, pipe=FlakyPipe(base.pipe, failing={2, 3}))
+    cfg = cfg.model_copy(update={"retries": 1, "retry_backoff_s": 0.0})
+    with pytest.raises(ShardFailed, match=r"generate batch 2/3 \(images \w+\.\.\w+\): failed 2 times.*injected"):
+        generate_images(loaded, prompt_table(7), cfg, tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.png"))) == 3  # batch 1 is kept
+    loaded = replace(base, pipe=CountingPipe(base.pipe))
+    table = generate_images(loaded, prompt_table(7), cfg, tmp_path, progress=False)
+    assert (table["status"] == "ok").all() and loaded.pipe.images == 4  # only the 4 missing images are made

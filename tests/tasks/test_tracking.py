@@ -56,3 +56,21 @@ def test_unreachable_server_fails_fast_naming_the_uri_without_its_password() -> 
     ):
         Tracker(f"http://bob:hunter2@127.0.0.1:{port}")
     assert time.monotonic() - began < 10
+
+
+def test_runs_left_running_by_a_dead_process_are_failed_with_a_reason(tracker: Tracker) -> None:
+    mine, other = {"synthdet.workspace": "/work/it's mine"}, {"synthdet.workspace": "/work/other"}
+    killed = tracker.start_run("pipeline", tags=mine)  # never ended: its process was killed
+    killed_child = tracker.start_run("generate", parent=killed, tags=mine)
+    with tracker.run("pipeline", tags=mine) as finished:
+        pass
+    elsewhere = tracker.start_run("pipeline", tags=other)  # another workspace's run, maybe alive
+
+    closed = tracker.fail_stale_runs(mine, "its process died")
+    assert {r.info.run_id for r in closed} == {killed, killed_child}
+    for run_id in (killed, killed_child):
+        run = tracker.get_run(run_id)
+        assert run.info.status == "FAILED" and run.data.tags["synthdet.crashed"] == "its process died"
+    assert tracker.get_run(finished).info.status == "FINISHED"
+    assert tracker.get_run(elsewhere).info.status == "RUNNING"
+    assert tracker.fail_stale_runs(mine, "again") == []  # nothing left to close

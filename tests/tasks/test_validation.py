@@ -79,3 +79,29 @@ def test_bad_detector_files_are_named(tmp_path: Path, yolo_env: Path) -> None:
     corrupt.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(ValueError, match="corrupt.pt: not a loadable ultralytics model"):
         load_detector(str(corrupt))
+
+
+def test_a_failing_detector_batch_is_retried_then_named_and_finished_batches_stay_cached(
+    tiny_models: dict[str, Path], generated: pd.DataFrame, tmp_path: Path
+) -> None:
+    from tasks.retry import ShardFailed
+
+    detector = load_detector(str(tiny_models["validator"]))
+    real_predict, calls = detector.model.predict, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in failing:
+            raise OSError(f"injected fault in call {len(calls)}")
+        return real_predict(*args, **kwargs)
+
+    detector.model.predict = flaky
+    cfg = ValidateConfig(model="x", conf=0.005, imgsz=64, batch=2, retries=1, retry_backoff_s=0.0)
+    failing = {2, 3}  # batch 2 fails on both of its attempts
+    with pytest.raises(ShardFailed, match=r"validate batch 2/2 \(id2.png..id3.png\): failed 2 times.*injected"):
+        validate_images(detector, generated, cfg, CLASSES, tmp_path / "labels", tmp_path / "cache", progress=False)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # batch 1's detections were kept
+    calls.clear()
+    failing = {1}  # now a single transient fault: the retry absorbs it
+    table = validate_images(detector, generated, cfg, CLASSES, tmp_path / "labels", tmp_path / "cache", progress=False)
+    assert list(table["accepted"]) == [True, False, True, False, False] and len(calls) == 2  # 1 failed + batch 2

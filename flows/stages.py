@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,16 +40,21 @@ class StageContext:
     tracker: Tracker
     parent_run: str | None = None
     progress: bool = True
+    params_file: str = "params.yaml"  # as the flow was given it; an event names it for the runs it triggers
     run_ids: dict[str, str] = field(default_factory=dict)
 
     @contextmanager
     def stage_run(self, stage: str) -> Iterator[str]:
         """The stage's MLflow run (nested under the flow's run, if any), with its params logged."""
-        tags = {"synthdet.stage": stage, "synthdet.run_name": self.params.run_name}
+        tags = {"synthdet.stage": stage, "synthdet.run_name": self.params.run_name, **self.owner_tags()}
         with self.tracker.run(stage, parent=self.parent_run, tags=tags) as run_id:
             self.run_ids[stage] = run_id
             self.tracker.log_params(run_id, self.params.section(stage).model_dump(mode="json"))
             yield run_id
+
+    def owner_tags(self) -> dict[str, str]:
+        """Tags on every MLflow run this context starts: whose workspace, which process."""
+        return {"synthdet.workspace": str(self.ws.root.resolve()), "synthdet.pid": str(os.getpid())}
 
     def out(self, stage: str, name: str = "") -> Path:
         return self.ws.stage_dir(stage) / name if name else self.ws.stage_dir(stage)
@@ -229,13 +237,16 @@ def registry_and_remote(ctx: StageContext) -> tuple[Path, str]:
 
 def version(ctx: StageContext) -> dict[str, Any]:
     """Version ``dataset/`` in the DVC data registry; the version goes to ``version/version.json``."""
-    from tasks.versioning import version_dataset
+    from tasks.versioning import list_versions, version_dataset
 
     source = ctx.out("dataset")
     if not (source / "data.yaml").is_file():
         raise FileNotFoundError(f"{source}: missing; run the dataset stage first")
     registry, remote = registry_and_remote(ctx)
     with ctx.stage_run("version") as run_id:
+        known = (
+            {v.tag for v in list_versions(registry, ctx.params.dataset.name)} if (registry / ".git").is_dir() else set()
+        )
         made = version_dataset(
             source,
             ctx.params.dataset.name,
@@ -244,7 +255,8 @@ def version(ctx: StageContext) -> dict[str, Any]:
             push=ctx.params.version.push,
             message=f"run {ctx.params.run_name}",
         )
-        record = {**made.__dict__, "registry": str(registry), "remote": remote}
+        # new: False when the content equals the latest version's, which is then returned as is
+        record = {**made.__dict__, "new": made.tag not in known, "registry": str(registry), "remote": remote}
         write_text_atomic(ctx.out("version", "version.json"), json.dumps(record, indent=2))
         ctx.tracker.set_tags(run_id, {"dataset.version": made.tag, "dataset.md5": made.dvc_md5})
         ctx.tracker.log_metrics(run_id, {"files": made.files, "version": made.number, "pushed": int(made.pushed)})
@@ -255,7 +267,7 @@ def version(ctx: StageContext) -> dict[str, Any]:
 
 def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str, Any]:
     """Fine-tune on a dataset version (this run's, or ``dataset_version``) and register the model."""
-    from tasks.finetune import finetune_detector
+    from tasks.finetune import evaluate_detector, finetune_detector
     from tasks.versioning import checkout_version, resolve_version
 
     registry, _ = registry_and_remote(ctx)
@@ -275,6 +287,11 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
         def on_epoch(epoch: int, figures: dict[str, float]) -> None:
             ctx.tracker.log_metrics(run_id, figures, step=epoch)
 
+        # What fine-tuning gained: the starting weights on the same evaluation set (none for a .yaml).
+        eval_data, start = cfg.eval_data or data / "data.yaml", None
+        if Path(cfg.model).suffix == ".pt":
+            start, _ = evaluate_detector(cfg.model, eval_data, cfg.eval_split, cfg, out / "start")
+            ctx.tracker.log_metrics(run_id, {"start.mAP50-95": start["mAP50-95"], "start.mAP50": start["mAP50"]})
         result = finetune_detector(cfg, data / "data.yaml", out, on_epoch=on_epoch)
         ctx.tracker.log_metrics(run_id, {**result.metrics, **{f"mAP50-95.{k}": v for k, v in result.per_class.items()}})
         for plot in result.plots:
@@ -289,6 +306,8 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
             "per_class": result.per_class,
             "weights": str(result.weights),
             "dataset_version": made.tag,
+            "eval_set": str(cfg.eval_data) if cfg.eval_data else f"{made.tag} {cfg.eval_split} split",
+            "start_mAP50-95": start["mAP50-95"] if start else None,
             "registered_model": cfg.registered_model,
             "model_version": model_version,
         }
@@ -331,20 +350,28 @@ def promote(ctx: StageContext, run_id: str, score: float, model_version: str, da
     }
 
 
-def world(ctx: StageContext, out: Path) -> dict[str, Any]:
-    """Render the procedural world's "real" data sets under ``out``."""
-    from tasks.world import build_world
+def world(ctx: StageContext, out: Path, only: list[str] | None = None) -> dict[str, Any]:
+    """Render the procedural world's "real" data sets under ``out`` (``only`` these, if given)."""
+    from tasks.world import DEFAULT_SIZES, build_world
 
     cfg = ctx.params.world
+    sizes = cfg.model_dump(exclude={"seed"})
+    if only:
+        unknown = sorted(set(only) - set(DEFAULT_SIZES))
+        if unknown:
+            raise ValueError(f"--only: unknown world sets {unknown}; known: {', '.join(DEFAULT_SIZES)}")
+        sizes = {name: n if name in only else 0 for name, n in sizes.items()}
     with ctx.stage_run("world") as run_id:
-        sets = build_world(out, cfg.seed, cfg.model_dump(exclude={"seed"}))
+        sets = build_world(out, cfg.seed, sizes)
         ctx.tracker.log_metrics(
             run_id, {f"images.{name}": sum(1 for _ in (path / "images").iterdir()) for name, path in sets.items()}
         )
     return {name: str(path) for name, path in sets.items()}
 
 
-def train_validator(ctx: StageContext, data: Path, out: Path, tests: Path | None = None) -> dict[str, Any]:
+def train_validator(
+    ctx: StageContext, data: Path, out: Path, tests: Path | None = None, epochs: int | None = None
+) -> dict[str, Any]:
     """Train the default validator (YOLO26n from its yaml) on ``data``; copy its weights to ``out``.
 
     Evaluates it on every ``<tests>/<condition>/data.yaml`` too, when ``tests`` is given.
@@ -352,13 +379,17 @@ def train_validator(ctx: StageContext, data: Path, out: Path, tests: Path | None
     from tasks.finetune import evaluate_detector, finetune_detector
 
     cfg = ctx.params.train_validator
+    if epochs is not None:
+        cfg = cfg.model_copy(update={"epochs": epochs})
     work = ctx.out("train-validator")
     with ctx.stage_run("train-validator") as run_id:
 
         def on_epoch(epoch: int, figures: dict[str, float]) -> None:
             ctx.tracker.log_metrics(run_id, figures, step=epoch)
 
+        began = time.perf_counter()
         result = finetune_detector(cfg, data, work, on_epoch=on_epoch)
+        seconds = time.perf_counter() - began
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             shutil.copyfile(result.weights, tmp)
@@ -367,8 +398,12 @@ def train_validator(ctx: StageContext, data: Path, out: Path, tests: Path | None
             metrics, _ = evaluate_detector(out, test, "val", cfg, work / "tests" / test.parent.name)
             figures[f"test.{test.parent.name}.mAP50-95"] = metrics["mAP50-95"]
         figures["size_mb"] = out.stat().st_size / 1e6
+        figures["train_seconds"] = seconds
         ctx.tracker.log_metrics(run_id, figures)
         ctx.tracker.log_artifact(run_id, out, "weights")
+        command = f"synthdet train-validator --data {data} --out {out}" + (f" --tests {tests}" if tests else "")
+        command += f" --epochs {epochs}" if epochs is not None else ""
+        write_training_record(out, seconds, figures["size_mb"], command, cfg.model_dump(mode="json"), figures)
     return {**figures, "path": str(out)}
 
 
@@ -384,15 +419,48 @@ def train_generator(ctx: StageContext, data: Path, out: Path) -> dict[str, Any]:
         def on_step(phase: str, step: int, loss: float) -> None:
             ctx.tracker.log_metrics(run_id, {f"{phase}_loss": loss}, step=step)
 
+        began = time.perf_counter()
         result = train(images, captions, ctx.params.train_generator, out, ctx.progress, on_step)
+        seconds = time.perf_counter() - began  # both phases, the latents and saving
         figures = {
             "vae_seconds": result.vae_seconds,
             "unet_seconds": result.unet_seconds,
+            "vae_loss": result.vae_loss,
+            "unet_loss": result.unet_loss,
+            "train_seconds": seconds,
             "size_mb": result.size_bytes / 1e6,
             "images": len(images),
         }
         ctx.tracker.log_metrics(run_id, figures)
+        cfg = ctx.params.train_generator.model_dump(mode="json")
+        command = f"synthdet train-generator --data {data} --out {out}"
+        write_training_record(out, seconds, figures["size_mb"], command, cfg, figures)
     return {**figures, "path": str(result.path)}
+
+
+def training_record_path(model: Path) -> Path:
+    """Where a trained model's record lives: ``models/validator.pt`` -> ``models/validator.json``."""
+    return model.parent / f"{model.stem}.json"
+
+
+def write_training_record(
+    model: Path, seconds: float, size_mb: float, command: str, settings: dict[str, Any], figures: dict[str, Any]
+) -> Path:
+    """Beside a trained model: how long it took, its size, the command and settings, and its figures."""
+    record = {
+        "model": model.name,
+        "seconds": round(seconds, 1),
+        "size_mb": round(size_mb, 2),
+        "command": command,
+        "code": git_sha(),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "settings": settings,
+        "figures": {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()},
+    }
+    path = training_record_path(model)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path
 
 
 STAGE_FUNCTIONS = {
@@ -403,3 +471,112 @@ STAGE_FUNCTIONS = {
     "version": version,
     "finetune": finetune,
 }
+
+
+def evaluate_default(
+    ctx: StageContext,
+    world: Path,
+    generator: Path,
+    validator: Path,
+    reference: Path,
+    out: Path,
+    per_cell: int = 24,
+    conf: float = 0.25,
+    command: str = "synthdet evaluate-default",
+) -> dict[str, Any]:
+    """Measure the embedded default (see tasks/evaluate_default.py); write the report, grid and JSON to ``out``.
+
+    Writes ``default-model.md``, ``default-model.json`` and ``default-samples.png``; logs them to MLflow.
+    Work files (images, detections) go to ``<workspace>/evaluate-default`` and are reused by a re-run.
+    """
+    from tasks import evaluate_default as ev
+    from tasks.config import GenerateConfig, ValidateConfig
+    from tasks.finetune import evaluate_detector
+    from tasks.generation import generate_images, load_pipeline
+    from tasks.validation import detect, load_detector
+    from tasks.world import CONDITIONS
+
+    tests = {c: world / "test" / c / "data.yaml" for c in CONDITIONS}
+    for what, path in [("--generator", generator / "model_index.json"), ("--validator", validator),
+                       ("--reference", reference), *((f"--world test/{c}", p) for c, p in tests.items())]:  # fmt: skip
+        if not path.is_file():
+            hint = {"--reference": " (train it: see docs/default-model.md)", "--world": " (run `synthdet world`)"}
+            raise FileNotFoundError(f"{what}: {path}: no such file{hint.get(what.split()[0], '')}")
+    classes = class_names(ctx.params)
+    work = ctx.out("evaluate-default")
+    with ctx.tracker.run("evaluate-default", tags={"synthdet.stage": "evaluate-default", **ctx.owner_tags()}) as run_id:
+        # 1. The three image sources, one table.
+        prompts = ev.prompt_table(classes, CONDITIONS, per_cell, seed=0)
+        gen_cfg = ctx.params.generate.model_copy(update={"model": str(generator)})
+        gen_cfg = GenerateConfig.model_validate(gen_cfg.model_dump())
+        began = time.perf_counter()
+        generated = generate_images(load_pipeline(gen_cfg), prompts, gen_cfg, work / "generated", ctx.progress)
+        generate_seconds = time.perf_counter() - began
+        bad = generated[generated["status"] != "ok"]
+        if len(bad):
+            raise RuntimeError(f"the generator produced {len(bad)} unusable images, e.g. {bad['reason'].iloc[0]}")
+        real = ev.render_real(classes, CONDITIONS, per_cell, work / "real")
+        roundtrip = real.assign(
+            path=ev.autoencoder_round_trip(generator / "vae", real["path"].tolist(), work / "roundtrip")
+        )
+        table = pd.concat(
+            [
+                generated[["class", "condition", "prompt", "path"]].assign(source="generated"),
+                real.rename(columns={"caption": "prompt"}).assign(source="real"),
+                roundtrip.rename(columns={"caption": "prompt"}).assign(source="roundtrip"),
+            ],
+            ignore_index=True,
+        )
+        # 2. Two judges.
+        for judge, weights in (("validator", validator), ("reference", reference)):
+            cfg = ValidateConfig(model=str(weights), conf=conf, imgsz=ctx.params.validate_.imgsz, batch=64)
+            detections = detect(load_detector(str(weights)), [Path(p) for p in table["path"]], cfg,
+                                work / "detections", ctx.progress)  # fmt: skip
+            table[f"found_{judge}"] = ev.found(detections, table["class"].tolist())
+            table[f"detections_{judge}"] = [json.dumps(d) for d in detections]
+        # 3. The detectors on the held-out world test sets.
+        map50_95: dict[str, dict[str, float]] = {}
+        for name, weights in (
+            ("validator (common conditions only)", validator),
+            ("reference (every condition)", reference),
+        ):
+            map50_95[name] = {}
+            for condition, data in tests.items():
+                metrics, _ = evaluate_detector(weights, data, "val", ctx.params.train_validator,
+                                               work / "map" / f"{weights.stem}-{condition}")  # fmt: skip
+                map50_95[name][condition] = round(metrics["mAP50-95"], 4)
+        training = {}
+        for name, model in (("generator", generator), ("validator", validator), ("reference", reference)):
+            record = training_record_path(model)
+            training[name] = json.loads(record.read_text()) if record.is_file() else None
+        result = {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d"),
+            "code": git_sha(),
+            "per_cell": per_cell,
+            "conf": conf,
+            "generate_seconds_per_image": round(generate_seconds / max(1, len(generated)), 3),
+            "fidelity": ev.fidelity_summary(table),
+            "map50_95": map50_95,
+            "training": training,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        grid = ev.sample_grid(table[table["source"] == "generated"], classes, CONDITIONS)
+        with atomic_path(out / "default-samples.png") as tmp:
+            grid.save(tmp, format="PNG")
+        write_text_atomic(out / "default-model.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / "default-model.md", ev.markdown_report(result, classes, CONDITIONS))
+        write_parquet_atomic(table, work / "judged.parquet")
+        fid = result["fidelity"]
+        ctx.tracker.log_metrics(run_id, {f"fidelity.{s}": fid[s]["overall"] for s in ev.SOURCES})
+        ctx.tracker.log_metrics(run_id, {f"fidelity.generated.{k}": v for k, v in fid["generated"]["by_cell"].items()})
+        for name in ("default-model.md", "default-model.json", "default-samples.png"):
+            ctx.tracker.log_artifact(run_id, out / name)
+        ctx.tracker.log_table(
+            run_id, table.drop(columns=["detections_validator", "detections_reference"]), "judged.json"
+        )
+    return {
+        "fidelity": {s: fid[s]["overall"] for s in ev.SOURCES},
+        "lowest_generated_cell": min(fid["generated"]["by_cell"].items(), key=lambda kv: kv[1]),
+        "report": str(out / "default-model.md"),
+    }

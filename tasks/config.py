@@ -128,6 +128,10 @@ class GenerateConfig(Section):
     height: PositiveInt = 64
     width: PositiveInt = 64
     batch_size: Annotated[int, Field(gt=0, le=1024)] = 16
+    retries: Annotated[int, Field(ge=0, le=10)] = Field(
+        2, description="Retries of a failing batch before the run fails."
+    )
+    retry_backoff_s: Annotated[float, Field(ge=0, le=600)] = Field(2.0, description="First wait; doubles per retry.")
 
     @field_validator("height", "width")
     @classmethod
@@ -149,6 +153,10 @@ class ValidateConfig(Section):
     imgsz: PositiveInt = 64
     batch: Annotated[int, Field(gt=0, le=1024)] = 16
     device: str = "cpu"
+    retries: Annotated[int, Field(ge=0, le=10)] = Field(
+        2, description="Retries of a failing batch before the run fails."
+    )
+    retry_backoff_s: Annotated[float, Field(ge=0, le=600)] = Field(2.0, description="First wait; doubles per retry.")
     # prompt class -> detector class names that count as it; a class missing here maps to itself.
     class_map: dict[str, list[str]] = Field(default_factory=dict)
     max_objects: PositiveInt | None = Field(None, description="Reject images with more detections.")
@@ -198,6 +206,7 @@ class FinetuneConfig(Section):
     patience: PositiveInt = 50
     seed: int = 0
     mosaic: Fraction = 0.0
+    scale: Fraction = Field(0.5, description="Random zoom range (ultralytics' scale); 0.5 can halve a small object.")
     workers: Annotated[int, Field(ge=0, le=64)] = 0
     plots: bool = True
     eval_data: Path | None = Field(None, description="data.yaml of a held-out (real) set; default the val split.")
@@ -221,6 +230,9 @@ class WorldConfig(Section):
     rare_scarce: Annotated[int, Field(ge=0, le=1_000_000)] = Field(30, description="Per rare condition.")
     test: Annotated[int, Field(ge=0, le=1_000_000)] = Field(200, description="Per condition.")
     captioned: Annotated[int, Field(ge=0, le=1_000_000)] = Field(20000, description="For train-generator.")
+    reference_train: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        2000, description="Every condition, labelled: trains the reference detector of evaluate-default."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +368,10 @@ class RunOverrides(BaseModel):
     conf: Fraction | None = Field(None, description="validate.conf: acceptance threshold.")
     start_weights: str | None = Field(None, description="finetune.model: weights to fine-tune from.")
     epochs: PositiveInt | None = Field(None, description="finetune.epochs.")
+    seed: int | None = Field(None, description="prompts.seed: a new seed draws new prompts and images.")
+    promote_margin: Fraction | None = Field(
+        None, description="finetune.promote_margin: mAP50-95 a new model must gain to become champion."
+    )
 
     def dotted(self) -> dict[str, Any]:
         """The overrides as dotted params keys, for :func:`load_params`."""
@@ -366,7 +382,8 @@ class RunOverrides(BaseModel):
             out["prompts.axes.condition"] = dict(self.conditions)
         fields = {"run_name": "run_name", "generator": "generate.model", "num_inference_steps":
                   "generate.num_inference_steps", "validator": "validate.model", "conf": "validate.conf",
-                  "start_weights": "finetune.model", "epochs": "finetune.epochs"}  # fmt: skip
+                  "start_weights": "finetune.model", "epochs": "finetune.epochs", "seed": "prompts.seed",
+                  "promote_margin": "finetune.promote_margin"}  # fmt: skip
         for field, key in fields.items():
             value = getattr(self, field)
             if value is not None:

@@ -36,10 +36,10 @@ def count_images(data_yaml: Path, split: str) -> int:
     data = yaml.safe_load(data_yaml.read_text()) or {}
     if split not in data:
         return 0
-    root = Path(data.get("path") or data_yaml.parent)
+    root = Path(data.get("path") or ".")
     root = root if root.is_absolute() else data_yaml.parent / root
-    folder = root / data[split]
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    folders = data[split] if isinstance(data[split], list) else [data[split]]  # a list of folders is allowed
+    return sum(sum(1 for p in (root / f).rglob("*") if p.is_file()) for f in folders if (root / f).is_dir())
 
 
 def evaluate_detector(weights: Path | str, data_yaml: Path, split: str, cfg: FinetuneConfig, out_dir: Path):
@@ -114,6 +114,7 @@ def finetune_detector(
         seed=cfg.seed,
         deterministic=True,
         mosaic=cfg.mosaic,
+        scale=cfg.scale,
         workers=cfg.workers,
         plots=cfg.plots,
         amp=False,

@@ -16,6 +16,7 @@ bound each phase, so a seed reproduces the weights.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -156,6 +157,7 @@ def train_generator(
         raise ValueError(f"images must be (N, {cfg.image_size}, {cfg.image_size}, 3) uint8, got {images.shape}")
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    torch.set_num_threads(os.cpu_count() or 1)  # importing ultralytics leaves torch on cpu_count - 1 threads
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     vae, tokenizer, text_encoder, unet, noise = build_parts(cfg, _vocabulary(captions))

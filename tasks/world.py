@@ -12,7 +12,7 @@ auto-gain that amplifies shot and read noise), ``rain`` (overcast veil, bright s
 lens) and ``noise`` (high-ISO sensor noise: Poisson-Gaussian, chroma blotches, row banding, hot pixels).
 
 Labels: the tight box of each object's *visible* pixels (occluders subtracted), from the 4x mask, so
-exact to a quarter pixel. Occlusion rule: placement never lets an item hide more than 25% of an earlier
+exact to a quarter pixel. Occlusion rule: placement never lets an item hide more than 20% of an earlier
 object (``MIN_VISIBLE``), nor lets two shapes of one colour touch when either is an object (they would
 merge into one silhouette), so every object drawn is labelled and named in the caption; none is dropped.
 
@@ -52,8 +52,8 @@ RARE_CONDITIONS = ("fog", "night", "rain", "noise")
 CONDITIONS = COMMON_CONDITIONS + RARE_CONDITIONS
 BACKGROUNDS = ("gray", "gradient", "grass", "brick", "gravel")
 DISTRACTORS = ("ellipse", "cross", "bar", "blob")
-OBJECT_SIZE = (18.0, 32.0)  # extent of a shape before rotation, pixels at SIZE
-MIN_VISIBLE = 0.75  # share of an object's area that later items must leave visible
+OBJECT_SIZE = (20.0, 34.0)  # extent of a shape before rotation, pixels at SIZE
+MIN_VISIBLE = 0.8  # share of an object's area that later items must leave visible
 _Y, _X = np.mgrid[0:SIZE, 0:SIZE] / SIZE  # pixel coordinates in [0, 1), for ramps and light fields
 
 
@@ -91,7 +91,7 @@ def render_scene(
 ) -> Scene:
     """Draw one labelled scene.
 
-    The layout and the condition draw from two generators spawned from ``rng``, so the same ``rng`` state
+    The layout and the condition draw from two generators seeded from ``rng``, so the same ``rng`` state
     gives the same objects and boxes under every condition.
 
     Args:
@@ -126,8 +126,8 @@ def render_scene(
         ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         x0, x1, y0, y1 = xs[0] / SCALE, (xs[-1] + 1) / SCALE, ys[0] / SCALE, (ys[-1] + 1) / SCALE
         box = [(x0 + x1) / 2 / SIZE, (y0 + y1) / 2 / SIZE, (x1 - x0) / SIZE, (y1 - y0) / SIZE]
-        share = round(np.count_nonzero(mask) / np.count_nonzero(item.mask), 3)
-        objects.append({"class": item.kind, **item.info, "visible": share, "box": [round(v, 6) for v in box]})
+        share = round(float(np.count_nonzero(mask) / np.count_nonzero(item.mask)), 3)
+        objects.append({"class": item.kind, **item.info, "visible": share, "box": [round(float(v), 6) for v in box]})
         masks.append(mask)
     order = sorted(range(len(objects)), key=lambda i: objects[i]["box"][0])
     objects, masks = [objects[i] for i in order], np.stack([masks[i] for i in order])
@@ -179,15 +179,13 @@ def _grow(mask: np.ndarray) -> np.ndarray:
     return grown
 
 
-def _union(items: Sequence[_Item]) -> np.ndarray:
-    out = np.zeros((SIZE * SCALE,) * 2, bool)
-    for item in items:
-        out |= item.mask
-    return out
-
-
 def _visible_masks(items: Sequence[_Item]) -> list[np.ndarray]:
-    return [item.mask & ~_union(items[n + 1 :]) for n, item in enumerate(items)]
+    """Each item's mask less everything drawn after it."""
+    above, visible = np.zeros((SIZE * SCALE,) * 2, bool), []
+    for item in reversed(items):
+        visible.append(item.mask & ~above)
+        above |= item.mask
+    return visible[::-1]
 
 
 def _shape(rng: np.random.Generator, kind: str) -> _Item:
@@ -231,7 +229,7 @@ def _shape(rng: np.random.Generator, kind: str) -> _Item:
     alpha = np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX), np.float32)[..., None] / 255
     if kind in CLASSES:
         name = str(rng.choice(list(COLOURS)))
-        colour, info = COLOURS[name], {"colour": name, "size_px": round(s, 2), "angle": round(angle, 1)}
+        colour, info = COLOURS[name], {"colour": name, "size_px": round(float(s), 2), "angle": round(float(angle), 1)}
     else:
         palette = list(COLOURS.values()) + list(EXTRA_COLOURS)
         colour, info = palette[int(rng.integers(len(palette)))], {}
@@ -322,7 +320,7 @@ def _apply_condition(rng: np.random.Generator, image: np.ndarray, condition: str
         image = _blur(image * t + airlight * (1 - t), rng.uniform(0.4, 0.8))  # forward scatter softens edges
         return _sensor(rng, image, read=0.01, shot=0.0)
     if condition == "night":  # faint blue moonlight, often a warm sodium lamp; auto-gain lifts the noise too
-        yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+        yy, xx = _Y * SIZE, _X * SIZE
         light = rng.uniform(0.07, 0.14) * np.array([0.7, 0.85, 1.2])
         if rng.random() < 0.7:
             lx, ly, radius = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(16, 40)
@@ -331,14 +329,14 @@ def _apply_condition(rng: np.random.Generator, image: np.ndarray, condition: str
         gain = rng.uniform(1.5, 2.5)
         return _sensor(rng, image * light * gain, read=0.012 * gain, shot=0.012 * gain)
     if condition == "rain":  # overcast veil, bright refracting streaks, a few drops on the lens
-        image = image * rng.uniform(0.55, 0.75)
-        t = rng.uniform(0.4, 0.6)  # the rain curtain scatters like a thin fog
+        image = image * rng.uniform(0.5, 0.7)
+        t = rng.uniform(0.3, 0.5)  # the rain curtain scatters like a thin fog
         image = image * t + rng.uniform(0.45, 0.6) * (1 - t)
         image = _streaks(rng, image)
         image = _lens_drops(rng, image)
         return _sensor(rng, image, read=0.015, shot=0.0)
-    if condition == "noise":  # high ISO: a dim exposure pushed up, noise pushed up with it
-        sigma = rng.uniform(0.12, 0.22)
+    if condition == "noise":  # high ISO: a short exposure amplified, and its read and shot noise with it
+        sigma = rng.uniform(0.15, 0.25)
         image = _sensor(rng, image, read=sigma, shot=sigma / 3)
         image = image + 0.04 * np.stack([_smooth(rng, 24) for _ in range(3)], axis=2)  # chroma blotches
         image = image + 0.02 * rng.standard_normal((SIZE, 1, 1))  # row banding
@@ -367,6 +365,7 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _streaks(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Falling drops caught by the exposure: thin bright lines, near-vertical, one wind tilt per image."""
     canvas = Image.new("L", (SIZE * SCALE,) * 2, 0)
     draw = ImageDraw.Draw(canvas)
     tilt = rng.uniform(-0.35, 0.35)
@@ -380,8 +379,9 @@ def _streaks(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 
 def _lens_drops(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Water on the lens: out-of-focus discs that blur (and slightly brighten) what lies behind them."""
     blurred = _blur(image, 2.0) * 1.05
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    yy, xx = _Y * SIZE, _X * SIZE
     for _ in range(int(rng.integers(2, 7))):
         cx, cy, r = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(4, 10)
         w = np.clip(r + 1 - np.hypot(xx - cx, yy - cy), 0, 1)[..., None]
@@ -450,7 +450,9 @@ def write_split(
     return out_dir
 
 
-DEFAULT_SIZES = {"common_train": 2000, "common_val": 200, "rare_scarce": 30, "test": 200, "captioned": 20000}
+DEFAULT_SIZES = {
+    "common_train": 2000, "common_val": 200, "rare_scarce": 30, "test": 200, "captioned": 20000, "reference_train": 2000,
+}  # fmt: skip
 
 
 def build_world(out_dir: Path, seed: int = 0, sizes: Mapping[str, int] | None = None) -> dict[str, Path]:
@@ -463,6 +465,9 @@ def build_world(out_dir: Path, seed: int = 0, sizes: Mapping[str, int] | None = 
             ``k`` of each), for the scarce-real arms.
         ``test/<condition>``: this many held-out images for every condition.
         ``captioned``: every condition in equal shares, for training the generator on captions.
+        ``test/rare.yaml``: (with the test sets) every rare test set as one evaluation set.
+        ``reference_train``: every condition in equal shares, labelled: for the *reference* detector
+            that judges generated images of rare conditions (the default validator never saw them).
 
     Each set has its own seed derived from ``seed`` and its name, so no two sets share a scene.
 
@@ -479,6 +484,7 @@ def build_world(out_dir: Path, seed: int = 0, sizes: Mapping[str, int] | None = 
         "rare_scarce": (sizes["rare_scarce"] * len(RARE_CONDITIONS), RARE_CONDITIONS, "images"),
         **{f"test/{c}": (sizes["test"], (c,), "images") for c in CONDITIONS},
         "captioned": (sizes["captioned"], CONDITIONS, "images"),
+        "reference_train": (sizes["reference_train"], CONDITIONS, "images"),
     }
     out: dict[str, Path] = {}
     for name, (n, conditions, val) in plan.items():
@@ -486,4 +492,10 @@ def build_world(out_dir: Path, seed: int = 0, sizes: Mapping[str, int] | None = 
             split_seed = zlib.crc32(f"{seed}:{name}".encode())
             out[name] = write_split(Path(out_dir) / name, n, conditions, split_seed, val=val)
             log.info("world: %s, %d images", name, n)
+    if sizes["test"]:
+        # All rare test sets as one evaluation set: ultralytics takes a list of image folders. Its
+        # `train` entry is required by the format and never used for evaluation.
+        rare = [f"{c}/images" for c in RARE_CONDITIONS]
+        data = {"names": dict(enumerate(CLASSES)), "train": rare[0], "val": rare}
+        (Path(out_dir) / "test" / "rare.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return out

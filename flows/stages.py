@@ -497,18 +497,18 @@ def evaluate_default(
     from tasks.world import CONDITIONS
 
     tests = {c: world / "test" / c / "data.yaml" for c in CONDITIONS}
-    for what, path in [("--generator", generator / "model_index.json"), ("--validator", validator),
-                       ("--reference", reference), *((f"--world test/{c}", p) for c, p in tests.items())]:  # fmt: skip
+    needed = [("--generator", generator / "model_index.json", ""), ("--validator", validator, ""),
+              ("--reference", reference, " (train it: see docs/default-model.md)"),
+              *(("--world", path, " (run `synthdet world --only test`)") for path in tests.values())]  # fmt: skip
+    for option, path, hint in needed:
         if not path.is_file():
-            hint = {"--reference": " (train it: see docs/default-model.md)", "--world": " (run `synthdet world`)"}
-            raise FileNotFoundError(f"{what}: {path}: no such file{hint.get(what.split()[0], '')}")
+            raise FileNotFoundError(f"{option}: {path}: no such file{hint}")
     classes = class_names(ctx.params)
     work = ctx.out("evaluate-default")
     with ctx.tracker.run("evaluate-default", tags={"synthdet.stage": "evaluate-default", **ctx.owner_tags()}) as run_id:
         # 1. The three image sources, one table.
         prompts = ev.prompt_table(classes, CONDITIONS, per_cell, seed=0)
-        gen_cfg = ctx.params.generate.model_copy(update={"model": str(generator)})
-        gen_cfg = GenerateConfig.model_validate(gen_cfg.model_dump())
+        gen_cfg = GenerateConfig.model_validate({**ctx.params.generate.model_dump(), "model": str(generator)})
         began = time.perf_counter()
         generated = generate_images(load_pipeline(gen_cfg), prompts, gen_cfg, work / "generated", ctx.progress)
         generate_seconds = time.perf_counter() - began

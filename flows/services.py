@@ -49,10 +49,8 @@ def _bin(name: str) -> str:
 
 def _commands(ws: Workspace, ports: Ports) -> dict[str, list[str]]:
     return {
-        "mlflow": [
-            _bin("mlflow"), "server", "--host", ports.host, "--port", str(ports.mlflow), "--workers", "1",
-            "--backend-store-uri", ws.mlflow_uri, "--artifacts-destination", str(ws.mlflow_artifacts.resolve()),
-        ],
+        # The stores come from the environment (see _env), so a database password never shows in `ps`.
+        "mlflow": [_bin("mlflow"), "server", "--host", ports.host, "--port", str(ports.mlflow), "--workers", "1"],
         "prefect": [_bin("prefect"), "server", "start", "--host", ports.host, "--port", str(ports.prefect)],
         "worker": [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", "synthdet-local"],
     }  # fmt: skip
@@ -63,9 +61,17 @@ def _health(name: str, ports: Ports) -> str | None:
 
 
 def _env(ws: Workspace, ports: Ports, root: Path) -> dict[str, str]:
+    """The services' environment: the user's, with the workspace's stores where the user set none.
+
+    Production back ends are chosen by the variables each server already reads (docs/scale-out.md):
+    ``MLFLOW_BACKEND_STORE_URI`` (e.g. PostgreSQL), ``MLFLOW_ARTIFACTS_DESTINATION`` (e.g. ``s3://...``,
+    with ``AWS_*`` credentials and endpoint) and ``PREFECT_SERVER_DATABASE_CONNECTION_URL``.
+    """
     env = dict(os.environ)
     env.update(PREFECT_API_URL=ports.prefect_api, MLFLOW_TRACKING_URI=ports.mlflow_uri, PWD=str(root))
     env["PREFECT_HOME"] = str(ws.prefect_home.resolve())
+    env.setdefault("MLFLOW_BACKEND_STORE_URI", ws.mlflow_uri)
+    env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(ws.mlflow_artifacts.resolve()))
     return env
 
 

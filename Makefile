@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v git >/dev/null || (apt-get update && apt-get install -y git)
 	@# Debian's Chromium for the browser tests (playwright drives it; no browser download).
 	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+	@# Debian's PostgreSQL for the back-end tests (they start their own server from a temporary folder).
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# pip (not uv/poetry): torch and torchvision come from this machine's local wheels.

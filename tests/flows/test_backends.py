@@ -29,7 +29,7 @@ import yaml
 from tasks.versioning import list_versions, version_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+KUBERNETES = ROOT / "deploy" / "kubernetes"
 
 # Not a decodable image, but bytes are all DVC sees; the NUL and high bytes catch any text-mode copy.
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
@@ -153,15 +153,17 @@ def postgres() -> Iterator[str]:
 
 
 def create_database(server: str, name: str) -> str:
-    """A new database on the server; its psycopg2 URL."""
+    """A database owned by a new login role of the same name, as docs/scale-out.md creates it; its URL."""
     import psycopg2
 
+    password = f"{name}-secret-{secrets.token_hex(8)}"
     connection = psycopg2.connect(f"postgresql://{server}/postgres")
     connection.autocommit = True
     with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
+        cursor.execute(f"CREATE ROLE {name} LOGIN PASSWORD %s", (password,))
+        cursor.execute(f"CREATE DATABASE {name} OWNER {name}")
     connection.close()
-    return f"postgresql://{server}/{name}"
+    return f"postgresql://{name}:{password}@{server.split('@')[1]}/{name}"
 
 
 def query(url: str, sql: str, *args: object) -> list[tuple]:
@@ -193,6 +195,7 @@ def synthdet(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_dataset_versions_on_s3(s3, tmp_path: Path) -> None:
     s3.create_bucket(Bucket="datasets")
     registry, remote = tmp_path / "registry", "s3://datasets/synthdet"
@@ -250,14 +253,18 @@ assert check() == 42
 """
 
 
-def test_services_on_postgres_with_artifacts_on_s3(s3, postgres: str, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_services_on_postgres_with_artifacts_on_s3(
+    s3, postgres: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from tasks.tracking import Tracker
 
     s3.create_bucket(Bucket="mlflow")
     mlflow_db, prefect_db = create_database(postgres, "mlflow"), create_database(postgres, "prefect")
-    password = postgres.split(":")[1].split("@")[0]
+    passwords = [url.split(":")[2].split("@")[0] for url in (mlflow_db, prefect_db)]
+    passwords.append(os.environ["AWS_SECRET_ACCESS_KEY"])
     prefect_port, mlflow_port = free_port(), free_port()
     raw = yaml.safe_load((ROOT / "params.smoke.yaml").read_text())
     raw["workspace"] = str(tmp_path / "workspace")
@@ -280,9 +287,9 @@ def test_services_on_postgres_with_artifacts_on_s3(s3, postgres: str, tmp_path: 
     try:
         cli("up", *ports)
         assert cli("status", *ports).count("healthy") == 3
-        # The database password never shows on a command line (the stores are passed in the environment).
+        # No password shows on a command line (the stores are passed in the environment).
         lines = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
-        assert not [line for line in lines if password in line]
+        assert not [line for line in lines if any(password in line for password in passwords)]
 
         # Prefect keeps its work pool, deployments and flow runs in PostgreSQL.
         flow = subprocess.run([sys.executable, "-c", TINY_FLOW], cwd=tmp_path, capture_output=True, text=True,
@@ -294,8 +301,27 @@ def test_services_on_postgres_with_artifacts_on_s3(s3, postgres: str, tmp_path: 
         runs = query(prefect_db, "SELECT r.state_type FROM flow_run r JOIN flow f ON r.flow_id = f.id "
                                  "WHERE f.name = 'backend-check'")  # fmt: skip
         assert runs == [("COMPLETED",)]
+        assert query(prefect_db, "SELECT state_type FROM task_run WHERE name LIKE %s", "double-%") == [("COMPLETED",)]
 
-        # MLflow: the run in PostgreSQL, its artifacts (and a registered model's files) in the bucket.
+        # The Kubernetes work pool and its deployments, exactly as docs/scale-out.md creates them.
+        prefect = [str(Path(sys.executable).with_name("prefect"))]
+        api_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
+        for command in (["work-pool", "create", "synthdet-k8s", "--type", "kubernetes",
+                         "--base-job-template", str(KUBERNETES / "base-job-template.json")],
+                        ["--no-prompt", "deploy", "--all", "--prefect-file", str(KUBERNETES / "prefect.yaml")]):  # fmt: skip
+            done = subprocess.run(prefect + command, cwd=ROOT, env=api_env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        pools = query(prefect_db, "SELECT p.type, d.name, d.infra_overrides->>'image' FROM deployment d "
+                                  "JOIN work_queue q ON d.work_queue_id = q.id JOIN work_pool p ON q.work_pool_id = p.id "
+                                  "WHERE p.name = 'synthdet-k8s'")  # fmt: skip
+        assert sorted(pools) == sorted(("kubernetes", name, "registry.example.com/synthdet:0.1.0")
+                                       for name in ("pipeline", "synthesize", "finetune", "retrain"))  # fmt: skip
+
+        # MLflow: the run in PostgreSQL, its artifacts (and a registered model's files) in the bucket. The
+        # server proxies the artifacts: the client logging them has no S3 credentials or endpoint at all.
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # were S3 used here, fail rather than probe
         tracker = Tracker(f"http://127.0.0.1:{mlflow_port}")
         weights = tmp_path / "best.pt"
         weights.write_bytes(PNG * 64)
@@ -303,6 +329,7 @@ def test_services_on_postgres_with_artifacts_on_s3(s3, postgres: str, tmp_path: 
             tracker.log_metrics(run_id, {"mAP50-95": 0.5})
             tracker.log_artifact(run_id, weights, "weights")
             version = tracker.register_model(run_id, weights, "synthdet-detector")
+        assert tracker.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
         stored = keys(s3, "mlflow", "artifacts/")
         assert f"artifacts/{tracker.experiment_id}/{run_id}/artifacts/weights/best.pt" in stored
         assert any(key.endswith("/model/MLmodel") for key in stored)
@@ -314,7 +341,40 @@ def test_services_on_postgres_with_artifacts_on_s3(s3, postgres: str, tmp_path: 
         cli("down", "--params", str(params))
 
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "workspace" / "services").glob("*.log"))
-    assert password not in logs and os.environ["AWS_SECRET_ACCESS_KEY"] not in logs
+    assert not [password for password in passwords if password in logs]
     strays = [p.info for p in psutil.process_iter(["pid", "cmdline"])
               if any(str(port) in " ".join(p.info["cmdline"] or []) for port in (prefect_port, mlflow_port))]  # fmt: skip
     assert not strays, strays
+
+
+# -- the Kubernetes work pool's configuration -----------------------------------------------------
+def test_kubernetes_job_template_renders_the_deployments() -> None:
+    """Each deployment's job variables, applied to the pool's template as the worker does: the image, the
+    workspace claim, the secret's variables, and a GPU only when asked for."""
+    import json
+
+    from prefect.utilities.templating import apply_values
+
+    from flows.pipeline import FLOWS
+
+    template = json.loads((KUBERNETES / "base-job-template.json").read_text())
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    config = yaml.safe_load((KUBERNETES / "prefect.yaml").read_text())
+    assert {d["name"] for d in config["deployments"]} == set(FLOWS)
+    for deployment in config["deployments"]:
+        variables = deployment["work_pool"]["job_variables"]
+        assert set(variables) <= set(template["variables"]["properties"]), deployment["name"]
+        flow = FLOWS[deployment["name"]]
+        assert deployment["entrypoint"] == f"flows/pipeline.py:{flow.fn.__name__}"
+        flow.validate_parameters(deployment["parameters"])
+        for extra in ({}, {"gpu_limit": 1}):
+            values = {**defaults, **variables, **extra, "command": "prefect flow-run execute", "name": "run"}
+            spec = apply_values(template["job_configuration"], values)["job_manifest"]["spec"]["template"]["spec"]
+            (container,) = spec["containers"]
+            assert container["image"] == variables["image"]
+            assert container["env"]["MLFLOW_TRACKING_URI"].startswith("http://")
+            assert container["envFrom"] == [{"secretRef": {"name": "synthdet-secrets"}}]
+            assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "synthdet-workspace"
+            assert container["volumeMounts"][0]["mountPath"] == deployment["parameters"]["workspace"]
+            assert container["resources"]["limits"].get("nvidia.com/gpu") == extra.get("gpu_limit")
+            assert "serviceAccountName" not in spec  # unset variables leave no empty keys behind

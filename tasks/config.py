@@ -264,6 +264,50 @@ class TrainGeneratorConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# experiment: does the synthetic data help? (tasks/experiment.py, `synthdet experiment`)
+# ---------------------------------------------------------------------------------------------
+# start: the starting weights as they are; real: k scarce real rare images (+ replay); unfiltered:
+# real + synthetic labelled at a low threshold, no filter; validated: real + synthetic the starting
+# detector accepted and labelled; adapted: real + synthetic accepted and labelled by the `real` arm's
+# model (a labeller adapted on the scarce real set), balanced by class and condition; ceiling: real +
+# as many more real rare images with true labels as the synthetic arms get.
+ARMS = ("start", "real", "unfiltered", "validated", "adapted", "ceiling")
+Arm = Literal["start", "real", "unfiltered", "validated", "adapted", "ceiling"]
+
+
+class ExperimentConfig(Section):
+    """The ablation: arms fine-tuned from ``finetune.model`` with one step budget, scored on held-out real sets."""
+
+    name: Name = Field("ablation", description="Results go to <workspace>/experiments/<name>/.")
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1)
+    k: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 10, 30], min_length=1, description="Scarce real rare images (first k of `real`)."
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    real: Path = Field(Path("data/world/rare_scarce"), description="YOLO folder of scarce real rare images.")
+    ceiling_pool: Path = Field(
+        Path("data/world/reference_train"), description="More real labelled images; only rare conditions are used."
+    )
+    replay: Path | None = Field(Path("data/world/common_train"), description="Common images mixed into every arm.")
+    replay_images: Annotated[int, Field(ge=0)] = 64
+    tests: Path = Field(Path("data/world/test"), description="Held-out sets: <tests>/<condition>/data.yaml.")
+    rare_conditions: list[str] = Field(default_factory=lambda: ["fog", "night", "rain", "noise"], min_length=1)
+    common_conditions: list[str] = Field(default_factory=lambda: ["plain"])
+    synthetic_images: PositiveInt = Field(256, description="Generated for the rare conditions, shared by all arms.")
+    synthetic_share: Annotated[float, Field(gt=0, le=100)] = Field(
+        1.0, description="Synthetic (or ceiling) images per real training image (k + replay)."
+    )
+    conf: Fraction = Field(0.25, description="Validation threshold of the validated and adapted arms.")
+    unfiltered_conf: Fraction = Field(0.05, description="Label threshold of the unfiltered arm.")
+    shares: list[Annotated[float, Field(gt=0, le=100)]] = Field(default_factory=list, description="Share sweep.")
+    thresholds: list[Fraction] = Field(default_factory=list, description="Validation threshold sweep.")
+    sweep_arm: Arm = "validated"
+    sweep_k: Annotated[int, Field(ge=0)] = 10
+    steps: PositiveInt = Field(100, description="Optimizer steps of every fine-tuned arm (batch finetune.batch).")
+    val_images: PositiveInt = Field(16, description="Common images ultralytics validates on after training.")
+
+
+# ---------------------------------------------------------------------------------------------
 # the whole file
 # ---------------------------------------------------------------------------------------------
 class Params(Section):
@@ -284,6 +328,7 @@ class Params(Section):
         default_factory=lambda: FinetuneConfig(model="yolo26n.yaml", epochs=40, registered_model="synthdet-validator"),
         alias="train-validator",
     )
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

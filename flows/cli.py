@@ -93,10 +93,10 @@ def run(
     def work() -> dict:
         if flow not in ("pipeline", "synthesize", "finetune", "retrain"):
             raise ValueError(f"--flow: {flow!r} is not one of pipeline, synthesize, finetune, retrain")
-        from flows.pipeline import FINETUNE, FLOWS, SYNTHESIZE
-
-        checked = {"pipeline": STAGES, "synthesize": SYNTHESIZE, "finetune": FINETUNE, "retrain": FINETUNE}
-        _prepare(params, workspace, checked[flow])
+        synthesize, finetune = STAGES[:5], STAGES[5:]
+        checked = {"pipeline": STAGES, "synthesize": synthesize, "finetune": finetune, "retrain": finetune}
+        _prepare(params, workspace, checked[flow])  # before prefect is imported: it reads its settings once
+        from flows.pipeline import FLOWS
 
         ws = str(workspace) if workspace else None
         extra = {"dataset_version": dataset_version} if flow == "finetune" else {}  # retrain: always latest

@@ -8,6 +8,7 @@ is off (``NO_CACHE``): a re-run of a flow does only the work that is new.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from prefect.runtime import flow_run
 
 from flows import stages
 from flows.env import configure_environment, tracking_uri
+from flows.runners import shard_runner
 from tasks.config import STAGES, RunOverrides, load_params
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, sweep_temp_files, workspace_lock
@@ -50,7 +52,10 @@ def open_context(
 
 
 def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...], **finetune_args: Any) -> dict:
-    """Run stages in order as Prefect tasks under one MLflow parent run; return a summary."""
+    """Run stages in order as Prefect tasks under one MLflow parent run; return a summary.
+
+    Generation and validation map their shards through the task runner ``params.runner`` names.
+    """
     tags = {
         "synthdet.flow": flow_name,
         "synthdet.run_name": ctx.params.run_name,
@@ -65,6 +70,7 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
         "mlflow_uri": ctx.tracker.uri,
     }
     stages.preflight(ctx.params, names)
+    ctx.shard_runner = functools.partial(shard_runner, ctx.params.runner, progress=ctx.progress)
     with workspace_lock(ctx.ws.root, wait_s=LOCK_WAIT_S):
         reap_crashed(ctx)
         return _run_under_parent(flow_name, ctx, names, {**tags, **ctx.owner_tags()}, finetune_args, summary)

@@ -14,8 +14,8 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.config import Params
+from tasks.shards import MapShards
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, atomic_path, write_parquet_atomic, write_text_atomic
 
@@ -42,6 +43,13 @@ class StageContext:
     progress: bool = True
     params_file: str = "params.yaml"  # as the flow was given it; an event names it for the runs it triggers
     run_ids: dict[str, str] = field(default_factory=dict)
+    # stage -> a context yielding the MapShards its shards go through; None: the stage's own loop here.
+    # The flows set it to a Prefect task runner (flows/runners.py); stage commands leave it None.
+    shard_runner: Callable[[str], AbstractContextManager[MapShards]] | None = None
+
+    def sharding(self, stage: str) -> AbstractContextManager[MapShards | None]:
+        """Where ``stage`` runs its shards: the flow's task runner, or None for this process."""
+        return self.shard_runner(stage) if self.shard_runner else nullcontext(None)
 
     @contextmanager
     def stage_run(self, stage: str) -> Iterator[str]:
@@ -131,14 +139,16 @@ def prompts(ctx: StageContext) -> dict[str, Any]:
 
 def generate(ctx: StageContext) -> dict[str, Any]:
     """Render every prompt; images go to the shared cache, the manifest to ``generate/generated.parquet``."""
-    from tasks.generation import generate_images, load_pipeline
+    from tasks.generation import generate_images, load_pipeline, pipeline_identity
     from tasks.grids import image_grid
 
     table = ctx.read_table("prompts", "prompts.parquet")
-    with ctx.stage_run("generate") as run_id:
-        loaded = load_pipeline(ctx.params.generate)
+    cfg = ctx.params.generate
+    with ctx.stage_run("generate") as run_id, ctx.sharding("generate") as map_shards:
+        loaded = pipeline_identity(cfg) if map_shards else load_pipeline(cfg)  # workers load their own
         ctx.tracker.set_tags(run_id, {"generator.model": loaded.model, "generator.hash": loaded.model_hash})
-        generated = generate_images(loaded, table, ctx.params.generate, ctx.ws.images, ctx.progress)
+        size = ctx.params.runner.shard_size
+        generated = generate_images(loaded, table, cfg, ctx.ws.images, ctx.progress, map_shards, size)
         path = ctx.out("generate", "generated.parquet")
         write_parquet_atomic(generated, path)
         ok = generated[generated["status"] == "ok"]
@@ -164,7 +174,7 @@ def validate(ctx: StageContext) -> dict[str, Any]:
     from tasks.validation import load_detector, summarize_validation, validate_images
 
     generated = ctx.read_table("generate", "generated.parquet")
-    with ctx.stage_run("validate") as run_id:
+    with ctx.stage_run("validate") as run_id, ctx.sharding("validate") as map_shards:
         detector = load_detector(ctx.params.validate_.model)
         ctx.tracker.set_tags(run_id, {"validator.model": detector.path, "validator.hash": detector.model_hash})
         labels = ctx.out("validate", "labels")
@@ -177,6 +187,8 @@ def validate(ctx: StageContext) -> dict[str, Any]:
             labels,
             ctx.ws.detections,
             ctx.progress,
+            map_shards,
+            ctx.params.runner.shard_size,
         )
         path = ctx.out("validate", "validated.parquet")
         write_parquet_atomic(validated, path)

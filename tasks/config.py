@@ -120,7 +120,7 @@ class GenerateConfig(Section):
     """A diffusers text-to-image pipeline and how to sample from it."""
 
     model: str = Field(..., description="Local pipeline directory or a hub id.")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda:N, or cuda: each shard worker then takes a GPU of its own.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     scheduler: str | None = Field(None, description="A diffusers scheduler class name, e.g. DDIMScheduler.")
     num_inference_steps: PositiveInt = 30
@@ -152,7 +152,7 @@ class ValidateConfig(Section):
     iou: Fraction = 0.7
     imgsz: PositiveInt = 64
     batch: Annotated[int, Field(gt=0, le=1024)] = 16
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda:N, or cuda: each shard worker then takes a GPU of its own.")
     retries: Annotated[int, Field(ge=0, le=10)] = Field(
         2, description="Retries of a failing batch before the run fails."
     )
@@ -200,7 +200,7 @@ class FinetuneConfig(Section):
     epochs: PositiveInt = 10
     imgsz: PositiveInt = 64
     batch: Annotated[int, Field(gt=0, le=1024)] = 16
-    device: str = "cpu"
+    device: str = Field("cpu", description='cpu, 0 (a GPU), or "0,1" for DDP over several GPUs.')
     lr0: Annotated[float, Field(gt=0, le=1)] = 0.001
     optimizer: str = "AdamW"
     patience: PositiveInt = 50
@@ -264,6 +264,24 @@ class TrainGeneratorConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# runner: where the generate and validate shards run (flows only; stage commands run in-process)
+# ---------------------------------------------------------------------------------------------
+class RunnerConfig(Section):
+    """The Prefect task runner that maps generation and validation over shards of images."""
+
+    kind: Literal["local", "dask", "ray"] = Field(
+        "local", description="local: this process; dask: prefect-dask; ray: prefect-ray (docs/scale-out.md)."
+    )
+    address: str | None = Field(
+        None, description="An existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001)."
+    )
+    workers: Annotated[int, Field(gt=0, le=1024)] = Field(2, description="Worker processes of a local cluster.")
+    shard_size: Annotated[int, Field(gt=0, le=100_000)] = Field(
+        64, description="Images per shard: the unit that is mapped, retried and re-run."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # experiment: does the synthetic data help? (tasks/experiment.py, `synthdet experiment`)
 # ---------------------------------------------------------------------------------------------
 # start: the starting weights as they are; real: k scarce real rare images (+ replay); unfiltered:
@@ -321,6 +339,7 @@ class Params(Section):
     dataset: DatasetConfig = DatasetConfig()
     version: VersionConfig = VersionConfig()
     finetune: FinetuneConfig
+    runner: RunnerConfig = RunnerConfig()
     world: WorldConfig = Field(default_factory=WorldConfig)
     train_generator: TrainGeneratorConfig = Field(default_factory=TrainGeneratorConfig, alias="train-generator")
     # The validator is a YOLO26n trained from its yaml: a fine-tune from random weights.

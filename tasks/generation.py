@@ -8,12 +8,13 @@ all find finished images by id and skip them, so nothing is generated twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from tasks.config import GenerateConfig
 from tasks.retry import with_retries
+from tasks.shards import MapShards, chunks, shard_device, torch_threads, worker_cache
 from tasks.workspace import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -39,13 +41,19 @@ MIN_PIXEL_STD = 1e-3
 
 
 @dataclass(frozen=True)
-class LoadedPipeline:
-    """A pipeline ready to sample, with what identifies it in manifests."""
+class PipelineIdentity:
+    """What identifies a pipeline in image ids and manifests."""
 
-    pipe: DiffusionPipeline
     model: str
     model_hash: str
     scheduler: str
+
+
+@dataclass(frozen=True)
+class LoadedPipeline(PipelineIdentity):
+    """A pipeline ready to sample, with what identifies it."""
+
+    pipe: DiffusionPipeline = field(repr=False, kw_only=True)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -101,10 +109,10 @@ def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe = pipe.to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipe, cfg.model, hash_model_dir(model_dir), type(pipe.scheduler).__name__)
+    return LoadedPipeline(cfg.model, hash_model_dir(model_dir), type(pipe.scheduler).__name__, pipe=pipe)
 
 
-def image_id(row: dict[str, Any], loaded: LoadedPipeline, cfg: GenerateConfig) -> str:
+def image_id(row: dict[str, Any], loaded: PipelineIdentity, cfg: GenerateConfig) -> str:
     """The content address of one image: a hash of everything that determines its pixels."""
     key = [
         row["prompt"],
@@ -151,30 +159,52 @@ def degenerate_reason(pixels: np.ndarray) -> str | None:
     return None
 
 
+def pipeline_identity(cfg: GenerateConfig) -> PipelineIdentity:
+    """What identifies ``cfg.model``'s pipeline in image ids, read from its files without loading it."""
+    model_dir = resolve_model_dir(cfg.model)
+    scheduler = cfg.scheduler
+    if not scheduler:
+        config = model_dir / "scheduler" / "scheduler_config.json"
+        try:
+            scheduler = json.loads(config.read_text())["_class_name"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise FileNotFoundError(f"generate.model: {config}: unreadable scheduler config ({exc})") from None
+    return PipelineIdentity(cfg.model, hash_model_dir(model_dir), scheduler)
+
+
+def worker_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
+    """This process's pipeline for ``cfg``, loaded on first use (on its own GPU, if it has several)."""
+    device = shard_device(cfg.device)
+    key = ("pipeline", cfg.model, cfg.dtype, cfg.scheduler, device)
+    return worker_cache(key, lambda: load_pipeline(cfg.model_copy(update={"device": device})))
+
+
 def generate_images(
-    loaded: LoadedPipeline,
+    loaded: LoadedPipeline | PipelineIdentity,
     prompts: pd.DataFrame,
     cfg: GenerateConfig,
     images_dir: Path,
     progress: bool = True,
+    map_shards: MapShards | None = None,
+    shard_size: int = 64,
 ) -> pd.DataFrame:
     """Render every prompt row that has no finished image yet; return one manifest row per prompt.
 
     Args:
-        loaded: the pipeline from :func:`load_pipeline`.
+        loaded: the pipeline from :func:`load_pipeline`; with ``map_shards``, its
+            :func:`pipeline_identity` is enough, as each worker loads its own.
         prompts: the table from the prompts stage (needs prompt, negative_prompt, seed).
         cfg: sampling settings; ``batch_size`` images go through the pipeline at once.
         images_dir: the content-addressed store; writes ``<id>.png`` (RGB) and ``<id>.json``.
-        progress: show a progress bar.
+        progress: show a progress bar (without ``map_shards``; a runner shows its own).
+        map_shards: runs :func:`render_shard` over the shards (a Prefect task runner); None renders
+            them here with ``loaded``.
+        shard_size: images per shard (rounded up to whole batches).
 
     Returns:
         The prompt columns plus image_id, path, status ("ok" or "rejected"), reason, file_sha256,
         seconds (per image, amortised over its batch), model, model_hash, scheduler and settings.
     """
-    import torch
-
-    if cfg.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)  # importing ultralytics leaves torch on cpu_count - 1 threads
     images_dir.mkdir(parents=True, exist_ok=True)
     rows = prompts.to_dict("records")
     ids = [image_id(row, loaded, cfg) for row in rows]
@@ -191,13 +221,72 @@ def generate_images(
             records[image] = record
     log.info("generate: %d images to make, %d already done", len(todo), len(records) - len(todo))
 
-    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
-    shards = -(-len(todo) // cfg.batch_size)
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
+    shards = chunks(todo, -(-shard_size // cfg.batch_size) * cfg.batch_size)
+    if map_shards is None:
+        assert isinstance(loaded, LoadedPipeline), "rendering in this process needs a loaded pipeline"
+        with tqdm(total=len(todo), desc="generate", unit="img", disable=not progress) as bar:
+            for shard in shards:
+                records.update(render_shard(shard, cfg, images_dir, loaded, on_batch=bar.update))
+    else:
+        work = functools.partial(render_shard, cfg=cfg, images_dir=images_dir, expected_hash=loaded.model_hash)
+        for done in map_shards(work, shards):
+            records.update(done)
+
+    table = prompts.copy()
+    table["image_id"] = ids
+    table["path"] = [str(images_dir / f"{image}.png") if records[image]["status"] == "ok" else "" for image in ids]
+    for column in ("status", "reason", "file_sha256", "seconds"):
+        table[column] = [records[image].get(column) for image in ids]
+    table["model"] = loaded.model
+    table["model_hash"] = loaded.model_hash
+    table["scheduler"] = loaded.scheduler
+    for knob in ("num_inference_steps", "guidance_scale", "height", "width", "dtype"):
+        table[knob] = getattr(cfg, knob)
+    return table
+
+
+def render_shard(
+    shard: list[tuple[str, dict[str, Any]]],
+    cfg: GenerateConfig,
+    images_dir: Path,
+    loaded: LoadedPipeline | None = None,
+    expected_hash: str | None = None,
+    on_batch: Callable[[int], Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Render one shard of ``(image_id, prompt row)`` in batches; return each image's stored record.
+
+    Idempotent: images already finished (by an earlier attempt at this shard) are not redone.
+
+    Args:
+        loaded: the pipeline to use; None loads (once per process) the one ``cfg`` names.
+        expected_hash: the weights' hash the image ids were made with; a worker whose copy of the
+            model differs refuses the shard.
+        on_batch: called with the number of images after each batch (a progress bar).
+    """
+    import torch
+
+    device = cfg.device if loaded else shard_device(cfg.device)
+    loaded = loaded or worker_pipeline(cfg)
+    if expected_hash is not None and loaded.model_hash != expected_hash:
+        raise RuntimeError(
+            f"generate.model: {cfg.model} on this worker hashes to {loaded.model_hash}, not {expected_hash}: "
+            "every worker needs the same model files"
+        )
+    if device == "cpu":
+        torch.set_num_threads(torch_threads())  # importing ultralytics leaves torch on cpu_count - 1 threads
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for image, row in shard:
+        record = _finished_record(images_dir, image)
+        if record is None:
+            todo.append((image, row))
+        else:
+            records[image] = record
+    batches = chunks(todo, cfg.batch_size)
+    for number, batch in enumerate(batches, 1):
 
         def render(batch: list[tuple[str, dict[str, Any]]] = batch) -> Any:
-            generators = [torch.Generator(cfg.device).manual_seed(int(row["seed"])) for _, row in batch]
+            generators = [torch.Generator(device).manual_seed(int(row["seed"])) for _, row in batch]
             with torch.inference_mode():
                 return loaded.pipe(
                     prompt=[row["prompt"] for _, row in batch],
@@ -211,25 +300,14 @@ def generate_images(
                 )
 
         began = time.perf_counter()
-        shard = f"generate batch {start // cfg.batch_size + 1}/{shards} (images {batch[0][0]}..{batch[-1][0]})"
-        out = with_retries(render, shard, cfg.retries, cfg.retry_backoff_s)
+        name = f"generate batch {number}/{len(batches)} (images {batch[0][0]}..{batch[-1][0]})"
+        out = with_retries(render, name, cfg.retries, cfg.retry_backoff_s)
         seconds = (time.perf_counter() - began) / len(batch)
         for (image, _), pixels in zip(batch, out.images, strict=True):
             records[image] = _store(images_dir, image, np.asarray(pixels, dtype=np.float32), seconds)
-        bar.update(len(batch))
-    bar.close()
-
-    table = prompts.copy()
-    table["image_id"] = ids
-    table["path"] = [str(images_dir / f"{image}.png") if records[image]["status"] == "ok" else "" for image in ids]
-    for column in ("status", "reason", "file_sha256", "seconds"):
-        table[column] = [records[image].get(column) for image in ids]
-    table["model"] = loaded.model
-    table["model_hash"] = loaded.model_hash
-    table["scheduler"] = loaded.scheduler
-    for knob in ("num_inference_steps", "guidance_scale", "height", "width", "dtype"):
-        table[knob] = getattr(cfg, knob)
-    return table
+        if on_batch is not None:
+            on_batch(len(batch))
+    return records
 
 
 def _store(images_dir: Path, image: str, pixels: np.ndarray, seconds: float) -> dict[str, Any]:

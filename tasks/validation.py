@@ -7,9 +7,11 @@ detections, in the dataset's own class ids (the order of ``prompts.classes``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tasks.config import ValidateConfig
 from tasks.retry import with_retries
+from tasks.shards import MapShards, chunks, shard_device, worker_cache
 from tasks.workspace import write_text_atomic
 
 if TYPE_CHECKING:
@@ -96,19 +99,76 @@ def _settings_key(detector: LoadedDetector, cfg: ValidateConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def worker_detector(path: str, device: str) -> LoadedDetector:
+    """This process's detector for ``path``, loaded on first use (on its own GPU, if it has several)."""
+    return worker_cache(("detector", path, shard_device(device)), lambda: load_detector(path))
+
+
 def detect(
-    detector: LoadedDetector, paths: list[Path], cfg: ValidateConfig, cache_dir: Path, progress: bool = True
+    detector: LoadedDetector,
+    paths: list[Path],
+    cfg: ValidateConfig,
+    cache_dir: Path,
+    progress: bool = True,
+    map_shards: MapShards | None = None,
+    shard_size: int = 64,
 ) -> list[list[dict[str, Any]]]:
-    """Detections per image: ``[{"name", "conf", "box": [cx, cy, w, h] normalised}]``, from cache or inference."""
+    """Detections per image: ``[{"name", "conf", "box": [cx, cy, w, h] normalised}]``, from cache or inference.
+
+    Args:
+        map_shards: runs :func:`detect_shard` over shards of the uncached images (a Prefect task
+            runner; each worker loads the detector from its path); None runs them here with ``detector``.
+        shard_size: images per shard (rounded up to whole batches).
+    """
     key = _settings_key(detector, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached = [cache_dir / f"{p.stem}.{key}.json" for p in paths]
     results: list[list[dict[str, Any]] | None] = [json.loads(c.read_text()) if c.is_file() else None for c in cached]
     todo = [i for i, r in enumerate(results) if r is None]
-    bar = tqdm(total=len(todo), desc="validate", unit="img", disable=not progress)
-    shards = -(-len(todo) // cfg.batch)
-    for start in range(0, len(todo), cfg.batch):
-        chunk = todo[start : start + cfg.batch]
+    shards = chunks(todo, -(-shard_size // cfg.batch) * cfg.batch)
+    work = functools.partial(
+        detect_shard, cfg=cfg, cache_dir=cache_dir, key=key, model=detector.path, expected_hash=detector.model_hash
+    )
+    if map_shards is None:
+        with tqdm(total=len(todo), desc="validate", unit="img", disable=not progress) as bar:
+            found = [work([paths[i] for i in shard], detector=detector, on_batch=bar.update) for shard in shards]
+    else:
+        found = map_shards(work, [[paths[i] for i in shard] for shard in shards])
+    for shard, detections in zip(shards, found, strict=True):
+        for i, one in zip(shard, detections, strict=True):
+            results[i] = one
+    return [r or [] for r in results]
+
+
+def detect_shard(
+    paths: list[Path],
+    cfg: ValidateConfig,
+    cache_dir: Path,
+    key: str,
+    model: str,
+    expected_hash: str,
+    detector: LoadedDetector | None = None,
+    on_batch: Callable[[int], Any] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Detect objects in one shard of images, in batches, caching each image's detections under ``key``.
+
+    Idempotent: images another attempt at this shard already cached are read, not re-run.
+
+    Args:
+        model: the detector's path, loaded once per process when ``detector`` is None.
+        expected_hash: the weights' hash ``key`` was made with; a worker whose copy differs refuses.
+    """
+    device = cfg.device if detector else shard_device(cfg.device)
+    detector = detector or worker_detector(model, cfg.device)
+    if detector.model_hash != expected_hash:
+        raise RuntimeError(
+            f"validate.model: {model} on this worker hashes to {detector.model_hash}, not {expected_hash}: "
+            "every worker needs the same weights"
+        )
+    cached = [cache_dir / f"{p.stem}.{key}.json" for p in paths]
+    results = [json.loads(c.read_text()) if c.is_file() else None for c in cached]
+    batches = chunks([i for i, r in enumerate(results) if r is None], cfg.batch)
+    for number, chunk in enumerate(batches, 1):
 
         def predict(chunk: list[int] = chunk) -> list[Any]:
             return detector.model.predict(
@@ -116,13 +176,13 @@ def detect(
                 imgsz=cfg.imgsz,
                 conf=cfg.conf,
                 iou=cfg.iou,
-                device=cfg.device,
+                device=device,
                 batch=cfg.batch,
                 verbose=False,
             )
 
-        shard = f"validate batch {start // cfg.batch + 1}/{shards} ({paths[chunk[0]].name}..{paths[chunk[-1]].name})"
-        predictions = with_retries(predict, shard, cfg.retries, cfg.retry_backoff_s)
+        name = f"validate batch {number}/{len(batches)} ({paths[chunk[0]].name}..{paths[chunk[-1]].name})"
+        predictions = with_retries(predict, name, cfg.retries, cfg.retry_backoff_s)
         for i, pred in zip(chunk, predictions, strict=True):
             boxes = pred.boxes
             found = [
@@ -132,8 +192,8 @@ def detect(
             found.sort(key=lambda d: -d["conf"])
             write_text_atomic(cached[i], json.dumps(found))
             results[i] = found
-        bar.update(len(chunk))
-    bar.close()
+        if on_batch is not None:
+            on_batch(len(chunk))
     return [r or [] for r in results]
 
 
@@ -186,6 +246,8 @@ def validate_images(
     labels_dir: Path,
     cache_dir: Path,
     progress: bool = True,
+    map_shards: MapShards | None = None,
+    shard_size: int = 64,
 ) -> pd.DataFrame:
     """Accept or reject every generated image and write labels for the accepted.
 
@@ -196,6 +258,7 @@ def validate_images(
         class_names: the dataset's classes, in id order.
         labels_dir: gets ``<image_id>.txt`` for each accepted image (and loses stale ones).
         cache_dir: detection cache shared across runs.
+        map_shards, shard_size: how detection is spread over workers (see :func:`detect`).
 
     Returns:
         ``generated`` plus accepted (bool), reject_reason, confidence (best score of the intended
@@ -203,7 +266,8 @@ def validate_images(
     """
     detector_to_dataset = resolve_class_map(class_names, detector.names, cfg.class_map)
     ok = generated["status"] == "ok"
-    detections = detect(detector, [Path(p) for p in generated.loc[ok, "path"]], cfg, cache_dir, progress)
+    paths = [Path(p) for p in generated.loc[ok, "path"]]
+    detections = detect(detector, paths, cfg, cache_dir, progress, map_shards, shard_size)
     by_row = dict(zip(generated.index[ok], detections, strict=True))
 
     labels_dir.mkdir(parents=True, exist_ok=True)

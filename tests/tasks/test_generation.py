@@ -81,7 +81,7 @@ def test_rerun_skips_finished_images_and_redoes_broken_ones(cfg: GenerateConfig,
     first = generate_images(loaded, prompt_table(4), cfg, tmp_path, progress=False)
 
     counting = CountingPipe(loaded.pipe)
-    resumed = loaded.__class__(counting, loaded.model, loaded.model_hash, loaded.scheduler)
+    resumed = replace(loaded, pipe=counting)
     again = generate_images(resumed, prompt_table(4), cfg, tmp_path, progress=False)
     assert counting.images == 0
     pd.testing.assert_frame_equal(first, again)
@@ -113,7 +113,7 @@ def test_degenerate_outputs_are_rejected_with_a_reason(cfg: GenerateConfig, tmp_
             return type("Out", (), {"images": np.full((len(kwargs["prompt"]), 32, 32, 3), np.nan)})()
 
     loaded = load_pipeline(cfg)
-    broken = loaded.__class__(NanPipe(), loaded.model, loaded.model_hash, loaded.scheduler)
+    broken = replace(loaded, pipe=NanPipe())
     table = generate_images(broken, prompt_table(2), cfg, tmp_path, progress=False)
     assert (table["status"] == "rejected").all() and (table["path"] == "").all()
     assert table["reason"].str.contains("non-finite").all()

@@ -316,6 +316,56 @@ def evaluate_default(
                reference=reference, out=out, per_cell=per_cell, conf=conf, command=command)  # fmt: skip
 
 
+# -- the ablation -----------------------------------------------------------------------------
+def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list | None:
+    return None if text is None else [cast(part.strip()) for part in text.split(",") if part.strip()]
+
+
+@app.command("experiment")
+def experiment(
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    name: Annotated[str | None, typer.Option(help="Results folder experiments/NAME (default experiment.name).")] = None,
+    arms: Annotated[
+        str | None, typer.Option(help="Comma-separated: start, real, unfiltered, validated, adapted, ceiling.")
+    ] = None,
+    k: Annotated[str | None, typer.Option("--k", help="Comma-separated numbers of scarce real rare images.")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Run seeds 0..N-1 (default experiment.seeds).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps per fine-tuned trial.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Does the synthetic data help? An ablation on held-out real test sets (params: experiment).
+
+    Each arm is fine-tuned from finetune.model with the same number of optimizer steps:
+    start: the starting weights as they are (not trained)
+    real: k scarce real rare images plus common-image replay
+    unfiltered: real + synthetic rare images labelled at a low threshold, no filter
+    validated: real + synthetic images the starting detector accepted and labelled
+    adapted: real + synthetic images accepted and labelled by the real arm's model, balanced by class x condition
+    ceiling: real + as many real rare images with true labels
+
+    Writes <workspace>/experiments/NAME/: results.parquet, comparison.md, map_vs_*.png; one MLflow run
+    per trial under an `experiment` parent. A re-run skips the trials already in results.parquet.
+    """
+
+    def work() -> dict:
+        loaded = load_params(params, {"workspace": str(workspace)} if workspace else None)
+        chosen = _csv(arms) or loaded.experiment.arms
+        needs = ("generate", "finetune") if {"unfiltered", "validated", "adapted"} & set(chosen) else ("finetune",)
+        _prepare(params, workspace, needs)  # before prefect is imported: it reads its settings once
+        from flows.experiment import experiment as flow
+
+        return flow(params=str(params), workspace=str(workspace) if workspace else None, name=name, arms=_csv(arms),
+                    k=_csv(k, int), seeds=list(range(seeds)) if seeds else None, steps=steps)  # fmt: skip
+
+    summary = _guarded(debug, work)
+    typer.echo(summary["report"])
+    typer.echo(f"{summary['trials']} trials ({summary['ran']} run now) in {summary['seconds'] / 60:.1f} min")
+    typer.echo(f"results      {summary['results']}\ncomparison   {summary['comparison']}")
+    typer.echo(f"plots        {', '.join(summary['plots'])}")
+    typer.echo(f"mlflow run   {summary['mlflow_run_id']}  ({summary['mlflow_uri']})")
+
+
 # -- local services ---------------------------------------------------------------------------
 PrefectPort = Annotated[int, typer.Option(help="Prefect server port.")]
 MlflowPort = Annotated[int, typer.Option(help="MLflow server port.")]

@@ -70,13 +70,16 @@ def test_only_tracking_imports_mlflow_and_only_versioning_runs_dvc() -> None:
 
 
 def test_prefect_deployments_point_at_the_flows() -> None:
+    from flows.experiment import experiment
     from flows.pipeline import FLOWS
 
+    flows = {**FLOWS, "experiment": experiment}
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    assert {d["name"] for d in deployments} == set(FLOWS)
+    assert {d["name"] for d in deployments} == set(flows)
     for deployment in deployments:
         path, function = deployment["entrypoint"].split(":")
-        assert path == "flows/pipeline.py" and FLOWS[deployment["name"]].fn.__name__ == function
-        FLOWS[deployment["name"]].validate_parameters(deployment.get("parameters", {}))
+        module = "flows/experiment.py" if deployment["name"] == "experiment" else "flows/pipeline.py"
+        assert path == module and flows[deployment["name"]].fn.__name__ == function
+        flows[deployment["name"]].validate_parameters(deployment.get("parameters", {}))
     (retrain,) = [d for d in deployments if d["name"] == "retrain"]
     assert retrain["schedules"][0]["active"] is False  # paused until the user enables it

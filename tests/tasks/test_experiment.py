@@ -1,0 +1,63 @@
+"""The experiment's pure rules: the plan, the balanced draw, the training list, the goals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tasks.config import ExperimentConfig
+from tasks.experiment import Item, Trial, TrialData, balanced_sample, goal_lines, plan_trials, write_training_set
+
+
+def test_plan_orders_inputs_first_and_runs_start_once() -> None:
+    cfg = ExperimentConfig(arms=["adapted", "start"], k=[0, 10], seeds=[0, 1], shares=[0.5], thresholds=[0.5])
+    trials = plan_trials(cfg)
+    arms = [t.arm for t in trials]
+    assert arms.count("start") == 1 and arms[0] == "start"
+    assert arms.index("real") < arms.index("adapted")  # the adapted arm's labeller is trained first
+    assert Trial("validated", 10, 1, 0.5, 0.25) in trials  # the share sweep runs the sweep arm at sweep_k
+    assert Trial("validated", 10, 0, 1.0, 0.5) in trials  # and the threshold sweep
+    assert len({t.key for t in trials}) == len(trials)
+
+
+def test_unknown_arm_fails_at_load() -> None:
+    with pytest.raises(ValueError, match="arms"):
+        ExperimentConfig(arms=["validatd"])
+
+
+def test_balanced_sample_takes_every_cell_in_turn() -> None:
+    items = [Item(f"{i}.png", (), "synthetic", "fog", "circle") for i in range(10)]
+    items += [Item("s.png", (), "synthetic", "night", "star")]
+    picked = balanced_sample(items, 2, np.random.default_rng(0))
+    assert {(i.cls, i.condition) for i in picked} == {("circle", "fog"), ("star", "night")}
+
+
+def test_training_list_has_exactly_steps_times_batch_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    data = TrialData([Item(str(image), ("0 0.5 0.5 0.2 0.2",), "real")], [Item(str(image), (), "replay")])
+    data_yaml = write_training_set(data, data.real, ["circle"], steps=3, batch=4, seed=0, out_dir=tmp_path / "set")
+    train = tmp_path / "set" / "images" / "train"
+    assert len(list(train.iterdir())) == 12 and len(list((tmp_path / "set" / "labels" / "train").iterdir())) == 12
+    assert yaml.safe_load(data_yaml.read_text())["names"] == {0: "circle"}
+
+
+def test_goals_report_met_missed_and_unmeasured() -> None:
+    rows = [
+        ("start", 0, 0.50, 0.90),
+        ("real", 10, 0.55, 0.89),
+        ("adapted", 10, 0.61, 0.895),
+        ("validated", 10, 0.6, 0.8),
+    ]
+    main = pd.DataFrame([{"arm": a, "k": k, "rare.mAP50-95 mean": r, "common.mAP50-95 mean": c} for a, k, r, c in rows])
+    lines = "\n".join(goal_lines(main))
+    assert "MET: adapted beats real by >= 0.05 at k=10: +0.060" in lines
+    assert "UNMEASURED: adapted closes >= half the real-to-ceiling gap at k=30" in lines
+    assert "MET: adapted beats validated at every k: k=10 +0.010" in lines
+    assert "MET: adapted costs <= 0.01 on the common set" in lines

@@ -445,6 +445,34 @@ def down(params: ParamsOption = Path("params.yaml"), workspace: WorkspaceOption 
     typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
+# -- benchmarks -------------------------------------------------------------------------------
+# Everything after NAME, --help included, goes to the benchmark.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="A module of bench/, e.g. orchestration, dvc_scale.")] = None,
+) -> None:
+    """Run a benchmark: `python -m bench.NAME [ARGS]`; `synthdet bench NAME --help` for its options.
+
+    Benchmarks print a table and write bench/results/NAME.json; docs/benchmarks.md has the figures.
+    """
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    known = sorted(p.stem for p in (root / "bench").glob("*.py") if "def main(" in p.read_text())
+    if name in (None, "--help", "-h"):
+        typer.echo(ctx.get_help())
+        typer.echo(f"\nbenchmarks: {', '.join(known)}")
+        return
+    module = name.replace("-", "_")
+    if module not in known:
+        typer.echo(f"error: no benchmark {name!r}; known: {', '.join(known)}", err=True)
+        raise typer.Exit(2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    raise typer.Exit(subprocess.run([sys.executable, "-m", f"bench.{module}", *ctx.args], env=env).returncode)
+
+
 # -- placeholder models -----------------------------------------------------------------------
 @app.command("tiny-models")
 def tiny_models(

@@ -24,6 +24,10 @@ OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     # The temporary local Prefect API needs more than the default 20 s on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # Idle OpenMP threads sleep instead of spinning. When other processes share the cores, spinning
+    # threads wait on descheduled ones: torch on 2 threads ran the default generator 10-20x slower
+    # (docs/benchmarks.md, orchestration). Read once, when torch loads: set before importing it.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 

@@ -323,6 +323,9 @@ class ExperimentConfig(Section):
     sweep_k: Annotated[int, Field(ge=0)] = 10
     steps: PositiveInt = Field(100, description="Optimizer steps of every fine-tuned arm (batch finetune.batch).")
     val_images: PositiveInt = Field(16, description="Common images ultralytics validates on after training.")
+    refine_boxes: bool = Field(
+        True, description="adapted arm: average each box with the labeller's on the mirror image."
+    )
 
 
 # ---------------------------------------------------------------------------------------------

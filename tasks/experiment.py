@@ -13,7 +13,8 @@ Arms (``tasks.config.ARMS``): ``start`` (the starting weights as they are), ``re
 ``unfiltered`` (+ synthetic images labelled by the starting detector at ``unfiltered_conf``, no filter),
 ``validated`` (+ synthetic images the starting detector accepts at ``conf``, labelled by it),
 ``adapted`` (+ synthetic images accepted and labelled by the ``real`` arm's model of the same k and
-seed, balanced over class x condition cells) and ``ceiling`` (+ as many real rare images with true labels).
+seed, boxes refined on mirrored images, balanced over class x condition cells) and ``ceiling`` (+ as
+many real rare images with true labels).
 
 Plain Python: the flow (``flows/experiment.py``) generates the synthetic images, runs the trials and
 tracks them.
@@ -181,6 +182,62 @@ def label_synthetic(
             continue
         items.append(Item(row["path"], tuple(label_lines(kept, to_dataset)), "synthetic", condition, row["class"]))
     return items
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``cx cy w h`` boxes (any one unit)."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merge_mirrored(
+    lines: Sequence[str], mirrored: Sequence[tuple[int, list[float]]], min_iou: float = 0.5
+) -> list[str]:
+    """Label lines with each box averaged with its best match among the boxes found on the mirrored
+    image (``(class id, [cx, cy, w, h])`` in the mirrored frame), same class and IoU >= ``min_iou``.
+
+    A detector's errors on an image and on its mirror image are partly independent, so the mean box is
+    tighter on average; an unmatched box is kept as it is.
+    """
+    out = []
+    for line in lines:
+        cls, *box = line.split()
+        box = [float(v) for v in box]
+        candidates = [[1.0 - b[0], *b[1:]] for c, b in mirrored if c == int(cls)]  # back to the image's frame
+        best = max(candidates, key=lambda b: box_iou(box, b), default=None)
+        if best is not None and box_iou(box, best) >= min_iou:
+            box = [(u + v) / 2 for u, v in zip(box, best, strict=True)]
+        out.append(f"{cls} " + " ".join(f"{min(max(v, 0.0), 1.0):.6f}" for v in box))
+    return out
+
+
+def refine_boxes(items: Sequence[Item], labeller: str, class_names: list[str], validate: ValidateConfig) -> list[Item]:
+    """Items with their boxes merged with the labeller's boxes on the mirrored images (:func:`merge_mirrored`)."""
+    from PIL import Image
+
+    from tasks.validation import load_detector, resolve_class_map
+
+    detector = load_detector(labeller, "experiment labeller")
+    to_dataset = resolve_class_map(class_names, detector.names, validate.class_map)
+    out: list[Item] = []
+    for start in range(0, len(items), validate.batch):
+        chunk = items[start : start + validate.batch]
+        # ultralytics takes numpy images as BGR; [:, ::-1] mirrors left to right
+        arrays = [np.ascontiguousarray(np.asarray(Image.open(i.path).convert("RGB"))[:, ::-1, ::-1]) for i in chunk]
+        predictions = detector.model.predict(arrays, imgsz=validate.imgsz, conf=validate.conf, iou=validate.iou,
+                                             device=validate.device, verbose=False)  # fmt: skip
+        for item, pred in zip(chunk, predictions, strict=True):
+            names = [pred.names[int(c)] for c in pred.boxes.cls.tolist()]
+            mirrored = [
+                (to_dataset[n], b) for n, b in zip(names, pred.boxes.xywhn.tolist(), strict=True) if n in to_dataset
+            ]
+            out.append(
+                Item(item.path, tuple(merge_mirrored(item.lines, mirrored)), item.source, item.condition, item.cls)
+            )
+    return out
 
 
 def balanced_sample(items: Sequence[Item], n: int, rng: np.random.Generator) -> list[Item]:
@@ -403,9 +460,12 @@ def synthetic_candidates(
     settings = validate.model_copy(update={"model": labeller, "conf": floor})
     generated = sources.synthetic
     found = detect(detector, [Path(p) for p in generated["path"]], settings, cache_dir, progress=False)
-    return label_synthetic(
+    items = label_synthetic(
         generated, found, sources.class_names, detector.names, validate, floor, filtered=trial.arm != "unfiltered"
     )
+    if trial.arm == "adapted" and cfg.refine_boxes:
+        items = refine_boxes(items, labeller, sources.class_names, validate.model_copy(update={"conf": floor}))
+    return items
 
 
 def run_trial(
@@ -490,6 +550,16 @@ def comparison_markdown(results: pd.DataFrame, cfg: ExperimentConfig) -> str:
         for _, row in sweep.sort_values(column).iterrows():
             rare, common = (_cell(row[f"{c} mean"], row[f"{c} std"]) for c in columns[:2])
             lines.append(f"| {row[column]:g} | {row['seeds']} | {row['n_synthetic']:.0f} | {rare} | {common} |")
+    per_class = [c for c in results if c.startswith("rare.") and c.count(".") == 2 and c.endswith(METRIC)]
+    if per_class:
+        names = [c.split(".")[1] for c in per_class]
+        by_class = summarize(results, per_class)
+        by_class = by_class[(by_class["share"] == cfg.synthetic_share) & (by_class["conf"] == cfg.conf)]
+        lines += ["", "Per class, rare conditions (mean over seeds):", "", "| arm | k | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]  # fmt: skip
+        for _, row in by_class.iterrows():
+            cells = " | ".join(f"{row[f'{c} mean']:.3f}" for c in per_class)
+            lines.append(f"| {row['arm']} | {row['k']} | {cells} |")
     lines += ["", "Goals of the issue, checked against these figures:", "", *goal_lines(main)]
     return "\n".join(lines) + "\n"
 

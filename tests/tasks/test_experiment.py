@@ -10,7 +10,17 @@ import pytest
 import yaml
 
 from tasks.config import ExperimentConfig
-from tasks.experiment import Item, Trial, TrialData, balanced_sample, goal_lines, plan_trials, write_training_set
+from tasks.experiment import (
+    Item,
+    Trial,
+    TrialData,
+    balanced_sample,
+    box_iou,
+    goal_lines,
+    merge_mirrored,
+    plan_trials,
+    write_training_set,
+)
 
 
 def test_plan_orders_inputs_first_and_runs_start_once() -> None:
@@ -61,3 +71,12 @@ def test_goals_report_met_missed_and_unmeasured() -> None:
     assert "UNMEASURED: adapted closes >= half the real-to-ceiling gap at k=30" in lines
     assert "MET: adapted beats validated at every k: k=10 +0.010" in lines
     assert "MET: adapted costs <= 0.01 on the common set" in lines
+
+
+def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
+    lines = ["0 0.300000 0.500000 0.200000 0.200000", "1 0.700000 0.500000 0.100000 0.100000"]
+    # the same circle seen on the mirror image (cx 0.7 there), a bit wider; a square far from the other box
+    mirrored = [(0, [0.7, 0.5, 0.24, 0.2]), (1, [0.9, 0.9, 0.1, 0.1]), (1, [0.7, 0.5, 0.2, 0.2])]
+    assert merge_mirrored(lines, mirrored) == ["0 0.300000 0.500000 0.220000 0.200000", lines[1]]
+    assert box_iou([0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]) == pytest.approx(1.0)
+    assert box_iou([0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]) == 0.0

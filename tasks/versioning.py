@@ -15,6 +15,8 @@ One writer at a time: two processes versioning into the same registry at once ar
 
 from __future__ import annotations
 
+import configparser
+import filecmp
 import logging
 import os
 import re
@@ -88,7 +90,7 @@ def open_registry(registry: Path, remote: str) -> Path:
         if not (registry / ".dvc").is_dir():
             raise VersioningError(f"{registry}: a git repository without DVC (.dvc/ missing); not a data registry")
         # --project: a URL the user overrides in config.local is theirs and must not cause a commit each call.
-        current = _dvc(registry, "config", "--project", f"remote.{REMOTE}.url", check=False).stdout.strip()
+        current = _project_remote_url(registry)
         if current != remote:
             _dvc(registry, "remote", "add", "--project", "--default", "--force", REMOTE, remote)
             if _git(registry, "status", "--porcelain", "--", ".dvc/config").stdout.strip():
@@ -268,14 +270,45 @@ def push_version(registry: Path, ref: str, name: str | None = None) -> DatasetVe
 
 
 def _replace_tree(source: Path, target: Path, staging: Path) -> None:
-    """Make ``target`` a copy of ``source``, swapping it in whole so a crash never leaves a mix."""
+    """Make ``target`` a copy of ``source``, swapping it in whole so a crash never leaves a mix.
+
+    A file equal to the file at the same place in the current ``target`` is hard-linked from it instead
+    of copied: it keeps its inode and mtime, so DVC's state finds its hash and ``dvc add`` hashes only
+    the new and changed files. Equal means the same size and mtime (the copy kept the source's, as
+    rsync and DVC's own state assume) or else the same bytes.
+    """
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of a call that died
-    shutil.copytree(source, staging / "new")
+
+    def copy_or_link(src: str, dst: str) -> None:
+        old = target / Path(dst).relative_to(staging / "new")
+        if old.is_file() and not old.is_symlink() and filecmp.cmp(src, old, shallow=True):
+            try:
+                os.link(old, dst)
+                return
+            except OSError:  # another file system, or no hard links there: copy
+                pass
+        shutil.copy2(src, dst)
+
+    shutil.copytree(source, staging / "new", copy_function=copy_or_link)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         os.replace(target, staging / "old")
     os.replace(staging / "new", target)
     shutil.rmtree(staging)
+
+
+def _project_remote_url(registry: Path) -> str:
+    """The URL of remote ``storage`` in the registry's ``.dvc/config`` ("" if none), read without starting
+    DVC: a DVC process costs seconds, and this runs on every version."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(registry / ".dvc" / "config")
+        for section in parser.sections():  # DVC writes the section as ['remote "storage"']
+            if section.strip("'") == f'remote "{REMOTE}"':
+                return parser.get(section, "url", fallback="").strip()
+        return ""
+    except configparser.Error:  # not what `dvc config` writes: ask DVC
+        return _dvc(registry, "config", "--project", f"remote.{REMOTE}.url", check=False).stdout.strip()
 
 
 def _read_dvc_file(text: str) -> tuple[str, int]:

@@ -21,10 +21,15 @@ from prefect.runtime import flow_run
 from flows import stages
 from flows.pipeline import LOCK_WAIT_S, open_context, reap_crashed
 from tasks import experiment as ex
-from tasks.config import ExperimentConfig
+from tasks.config import ExperimentConfig, FinetuneConfig
 from tasks.workspace import workspace_lock, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+
+def trained(ctx: stages.StageContext, cfg: ExperimentConfig) -> FinetuneConfig:
+    """The finetune section every trained arm uses: the pipeline's, at the experiment's learning rate."""
+    return ctx.params.finetune.model_copy(update={"lr0": cfg.lr0 or ctx.params.finetune.lr0})
 
 
 def configure(base: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig:
@@ -63,11 +68,13 @@ def run_trial(
     parent: str,
 ) -> dict[str, Any]:
     """One trial as a nested MLflow run: pick its labeller and candidates, train, score, log."""
-    ft = ctx.params.finetune
+    ft = trained(ctx, cfg)
     candidates: list[ex.Item] = []
     if trial.uses_synthetic:
         labeller = ft.model
-        if trial.arm == "adapted":  # the real arm's model of the same k and seed labels for it
+        if trial.arm == "adapted" and cfg.labeller:
+            labeller = cfg.labeller
+        elif trial.arm == "adapted":  # the real arm's model of the same k and seed labels for it
             labeller = str(out_dir / ex.Trial("real", trial.k, trial.seed, cfg.synthetic_share, cfg.conf).key
                            / "train" / "weights" / "last.pt")  # fmt: skip
         candidates = ex.synthetic_candidates(trial, labeller, sources, ctx.params.validate_, cfg, ctx.ws.detections)
@@ -79,7 +86,8 @@ def run_trial(
     with ctx.tracker.run(trial.key, parent=parent, tags=tags) as run_id:
         row, _ = ex.run_trial(trial, cfg, ft, sources, sets, out_dir / trial.key, candidates, ceiling_n)
         row["candidates"] = len(candidates)
-        ctx.tracker.log_params(run_id, {k: row[k] for k in ("arm", "k", "seed", "share", "conf")})
+        ctx.tracker.log_params(run_id, {**{k: row[k] for k in ("arm", "k", "seed", "share", "conf")},
+                                        "steps": cfg.steps, "lr0": ft.lr0, "batch": ft.batch})  # fmt: skip
         ctx.tracker.log_metrics(run_id, {k: v for k, v in row.items() if isinstance(v, int | float) and k != "seed"})
         row["mlflow_run_id"] = run_id
     return row
@@ -131,7 +139,13 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     classes = stages.class_names(ctx.params)
     trials = ex.plan_trials(cfg)
     results_path = out_dir / "results.parquet"
-    done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key"])
+    done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
+    fp = ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate.model, ctx.params.validate_)
+    stale = done["fingerprint"] != fp if "fingerprint" in done else pd.Series(True, index=done.index)
+    if stale.any():
+        logger.warning("experiment %s: %d stored trials were made with other settings; they run again",
+                       cfg.name, int(stale.sum()))  # fmt: skip
+        done = done[~stale]
     tags = {
         "synthdet.flow": "experiment",
         "synthdet.experiment": cfg.name,
@@ -155,7 +169,7 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
             log_reused(ctx, row, cfg, parent)
         rows = done.to_dict("records")
         for trial in todo:
-            rows.append(run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent))
+            rows.append({**run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent), "fingerprint": fp})
             done = pd.DataFrame(rows)
             write_parquet_atomic(done, results_path)
         results = done[done["key"].isin({t.key for t in trials})]

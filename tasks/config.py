@@ -322,9 +322,15 @@ class ExperimentConfig(Section):
     sweep_arm: Arm = "validated"
     sweep_k: Annotated[int, Field(ge=0)] = 10
     steps: PositiveInt = Field(100, description="Optimizer steps of every fine-tuned arm (batch finetune.batch).")
+    lr0: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        0.0001, description="Learning rate of every trained arm; null: finetune.lr0."
+    )
     val_images: PositiveInt = Field(16, description="Common images ultralytics validates on after training.")
     refine_boxes: bool = Field(
         True, description="adapted arm: average each box with the labeller's on the mirror image."
+    )
+    labeller: str | None = Field(
+        None, description="adapted arm: weights that accept and label, e.g. the champion's; null: the real arm's model."
     )
 
 

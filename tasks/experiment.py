@@ -94,6 +94,17 @@ def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
     return sorted(trials, key=lambda t: order[t.arm])  # stable: config order within an arm
 
 
+def fingerprint(cfg: ExperimentConfig, ft: FinetuneConfig, generator: str, validate: ValidateConfig) -> str:
+    """What a stored trial's figures depend on besides its key: a finished trial is reused only while
+    this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out)."""
+    import hashlib
+
+    grid = {"name", "arms", "k", "seeds", "shares", "thresholds", "sweep_arm", "sweep_k", "synthetic_share", "conf"}
+    settings = {"experiment": cfg.model_dump(mode="json", exclude=grid), "finetune": ft.model_dump(mode="json"),
+                "generate.model": generator, "validate": validate.model_dump(mode="json")}  # fmt: skip
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 # --- the data -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Item:

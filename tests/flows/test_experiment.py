@@ -52,15 +52,16 @@ def test_experiment_flow_writes_table_runs_and_plots(
     detector = build_tiny_detector(tmp_path / "detector.pt", CLASSES, seed=0)
     params = toy_params(tmp_path, smoke_params, toy_world, detector)
     runner = CliRunner()
-    args = ["experiment", "--params", str(params), "--arms", "real,validated", "--name", "toy"]
+    args = ["experiment", "--params", str(params), "--arms", "real,validated,adapted", "--name", "toy"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     out = tmp_path / "workspace" / "experiments" / "toy"
     results = pd.read_parquet(out / "results.parquet")
-    # real and validated at k 2, plus the threshold sweep's extra point (validated, k 2, conf 0.001)
+    # the three arms at k 2, plus the threshold sweep's extra point (validated, k 2, conf 0.001)
     assert sorted(results["key"]) == [
-        "real-k2-s0-share1-conf0.002", "validated-k2-s0-share1-conf0.001", "validated-k2-s0-share1-conf0.002",
+        "adapted-k2-s0-share1-conf0.002", "real-k2-s0-share1-conf0.002", "validated-k2-s0-share1-conf0.001",
+        "validated-k2-s0-share1-conf0.002",
     ]  # fmt: skip
     for column in ("rare.mAP50-95", "common.mAP50-95", "fog.mAP50-95", "night.mAP50-95", "plain.mAP50-95"):
         assert results[column].between(0, 1).all(), column
@@ -93,5 +94,5 @@ def test_experiment_flow_writes_table_runs_and_plots(
     # A second run finds every trial done: it trains nothing and reports the same table.
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output + repr(again.exception)
-    assert "3 trials (0 run now)" in again.output
-    assert len(pd.read_parquet(out / "results.parquet")) == 3
+    assert "4 trials (0 run now)" in again.output
+    assert len(pd.read_parquet(out / "results.parquet")) == 4

@@ -80,3 +80,14 @@ def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
     assert merge_mirrored(lines, mirrored) == ["0 0.300000 0.500000 0.220000 0.200000", lines[1]]
     assert box_iou([0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]) == pytest.approx(1.0)
     assert box_iou([0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]) == 0.0
+
+
+def test_fingerprint_follows_the_settings_not_the_grid() -> None:
+    from tasks.config import FinetuneConfig, ValidateConfig
+    from tasks.experiment import fingerprint
+
+    ft, validate = FinetuneConfig(model="a.pt"), ValidateConfig(model="a.pt")
+    base = fingerprint(ExperimentConfig(), ft, "gen", validate)
+    assert fingerprint(ExperimentConfig(arms=["real"], seeds=[5], k=[3]), ft, "gen", validate) == base
+    assert fingerprint(ExperimentConfig(lr0=0.01), ft, "gen", validate) != base
+    assert fingerprint(ExperimentConfig(), ft, "other-generator", validate) != base

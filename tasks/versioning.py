@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import configparser
 import filecmp
+import hashlib
+import json
 import logging
 import os
 import re
@@ -150,11 +152,16 @@ def version_dataset(
     if not dataset_dir.is_dir():
         raise VersioningError(f"{dataset_dir}: dataset directory not found")
     registry = open_registry(registry, remote)
+    fingerprint = _fingerprint(dataset_dir)
+    versions = list_versions(registry, name)
+    if versions and _known_fingerprints(registry).get(versions[-1].tag) == [versions[-1].git_rev, fingerprint]:
+        # The same bytes as the latest version (an unchanged re-run): no copy, no `dvc add` (seconds).
+        logger.info("%s: identical to %s, nothing new to version", dataset_dir, versions[-1].tag)
+        return _push_if_asked(registry, versions[-1], remote, push)
     _replace_tree(dataset_dir, registry / "datasets" / name, registry / ".dvc" / "tmp" / "synthdet-staging")
     _dvc(registry, "add", "-q", f"datasets/{name}")
     md5 = _read_dvc_file((registry / "datasets" / f"{name}.dvc").read_text())[0]
 
-    versions = list_versions(registry, name)
     if versions and versions[-1].dvc_md5 == md5:
         version = versions[-1]
         logger.info("%s: identical to %s, nothing new to version", dataset_dir, version.tag)
@@ -171,12 +178,56 @@ def version_dataset(
         _git(registry, "tag", "-a", tag, "-m", text)
         version = resolve_version(registry, tag)
         logger.info("versioned %s as %s (%d files)", dataset_dir, tag, version.files)
+    _remember_fingerprint(registry, version, fingerprint)
+    return _push_if_asked(registry, version, remote, push)
+
+
+def _push_if_asked(registry: Path, version: DatasetVersion, remote: str, push: bool) -> DatasetVersion:
     if push and not version.pushed:
         try:
             version = push_version(registry, version.tag)
         except VersioningError as exc:
             logger.warning("%s is saved locally but was not pushed to remote %s: %s", version.tag, remote, exc)
     return version
+
+
+# tag -> [commit, content fingerprint] of versions this registry made; a local cache inside .git (a
+# lost or stale entry only means the next identical dataset is hashed by DVC again).
+FINGERPRINTS = "synthdet-fingerprints.json"
+
+
+def _fingerprint(folder: Path) -> str:
+    """md5 over the relative paths and bytes of every file under ``folder`` (symlinks followed, as the
+    copy into the registry follows them)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    files = sorted(
+        (Path(root) / name).relative_to(folder).as_posix()
+        for root, _, names in os.walk(folder, followlinks=True)
+        for name in names
+    )
+    for relative in files:
+        digest.update(relative.encode() + b"\0")
+        with (folder / relative).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _known_fingerprints(registry: Path) -> dict[str, list[str]]:
+    try:
+        return json.loads((registry / ".git" / FINGERPRINTS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _remember_fingerprint(registry: Path, version: DatasetVersion, fingerprint: str) -> None:
+    """Record that ``version`` (tag and commit, both made) holds the dataset with ``fingerprint``."""
+    known = {**_known_fingerprints(registry), version.tag: [version.git_rev, fingerprint]}
+    path = registry / ".git" / FINGERPRINTS
+    tmp = path.with_name(f".{FINGERPRINTS}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, path)
 
 
 def list_versions(registry: Path, name: str | None = None) -> list[DatasetVersion]:

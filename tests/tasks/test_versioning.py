@@ -93,6 +93,25 @@ def test_identical_content_returns_latest_without_new_commit(tmp_path: Path, pat
     assert git(registry, "tag").split() == ["synthetic-v1"]
 
 
+def test_an_unchanged_rerun_skips_dvc_unless_the_latest_tag_moved(
+    tmp_path: Path, paths: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.versioning as versioning
+
+    registry, remote = paths
+    v1 = version_dataset(make_dataset(tmp_path / "ds"), "synthetic", registry, remote)
+    real_dvc, calls = versioning._dvc, []
+    monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
+
+    assert version_dataset(make_dataset(tmp_path / "copy"), "synthetic", registry, remote) == v1
+    assert calls == []  # the content fingerprint matched the latest version: DVC was not started
+
+    git(registry, "commit", "-q", "--allow-empty", "-m", "someone else's commit")
+    git(registry, "tag", "-f", "-a", "synthetic-v1", "-m", "moved")  # the tag no longer names that commit
+    again = version_dataset(make_dataset(tmp_path / "copy"), "synthetic", registry, remote)
+    assert ("add", "-q", "datasets/synthetic") in calls and again.dvc_md5 == v1.dvc_md5
+
+
 def test_changed_content_is_v2_and_v1_restores_byte_for_byte(tmp_path: Path, paths: tuple[Path, str]) -> None:
     registry, remote = paths
     source = make_dataset(tmp_path / "ds")

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -55,22 +54,6 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
-
-
-def git_sha() -> str:
-    """The commit of the code measured, with ``-dirty`` if tracked files have uncommitted changes."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def median(values: Sequence[float]) -> float:
@@ -120,6 +103,8 @@ def write_result(
     out: Path | None = None,
 ) -> Path:
     """Write ``bench/results/<name>.json`` (or ``out``): command, date, hardware, versions, code, figures."""
+    from flows.stages import git_sha  # imports mlflow: only once the benchmark has set the environment
+
     result = {
         "benchmark": name,
         "command": " ".join(["python -m", f"bench.{name}", *argv]),

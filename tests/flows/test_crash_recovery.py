@@ -31,7 +31,8 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+# Ten kill-and-resume trials: about 15 min on a quiet 2-core machine, far more on a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 # Stage -> a path (relative to the workspace) whose appearance means the stage is under way.
 MARKERS = {

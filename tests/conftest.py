@@ -21,6 +21,9 @@ for _key, _value in {
     "YOLO_CONFIG_DIR": str(_SESSION_HOME / "yolo"),
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect reads its settings once, at import: tests that run a flow in this process get the same
+    # start-up allowance for the temporary API as the CLI (its 20 s default fails on a loaded machine).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
     "DVC_NO_ANALYTICS": "1",
     "DO_NOT_TRACK": "1",

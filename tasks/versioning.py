@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import NAME_PATTERN
+from tasks.workspace import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +225,7 @@ def _known_fingerprints(registry: Path) -> dict[str, list[str]]:
 def _remember_fingerprint(registry: Path, version: DatasetVersion, fingerprint: str) -> None:
     """Record that ``version`` (tag and commit, both made) holds the dataset with ``fingerprint``."""
     known = {**_known_fingerprints(registry), version.tag: [version.git_rev, fingerprint]}
-    path = registry / ".git" / FINGERPRINTS
-    tmp = path.with_name(f".{FINGERPRINTS}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(registry / ".git" / FINGERPRINTS, json.dumps(known, indent=1))
 
 
 def list_versions(registry: Path, name: str | None = None) -> list[DatasetVersion]:

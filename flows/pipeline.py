@@ -23,6 +23,7 @@ from flows import stages
 from flows.env import configure_environment, tracking_uri
 from flows.runners import shard_runner
 from tasks.config import STAGES, RunOverrides, load_params
+from tasks.shards import release_worker_cache
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, sweep_temp_files, workspace_lock
 
@@ -69,11 +70,14 @@ def run_stages(flow_name: str, ctx: stages.StageContext, names: tuple[str, ...],
         "run_dir": str(ctx.ws.run_dir.resolve()),
         "mlflow_uri": ctx.tracker.uri,
     }
-    stages.preflight(ctx.params, names)
-    ctx.shard_runner = functools.partial(shard_runner, ctx.params.runner, progress=ctx.progress)
-    with workspace_lock(ctx.ws.root, wait_s=LOCK_WAIT_S):
-        reap_crashed(ctx)
-        return _run_under_parent(flow_name, ctx, names, {**tags, **ctx.owner_tags()}, finetune_args, summary)
+    try:
+        stages.preflight(ctx.params, names)  # loads the validator once, into this process's model cache
+        ctx.shard_runner = functools.partial(shard_runner, ctx.params.runner, progress=ctx.progress)
+        with workspace_lock(ctx.ws.root, wait_s=LOCK_WAIT_S):
+            reap_crashed(ctx)
+            return _run_under_parent(flow_name, ctx, names, {**tags, **ctx.owner_tags()}, finetune_args, summary)
+    finally:
+        release_worker_cache()  # whatever stage the run ended in, its models go with it
 
 
 def reap_crashed(ctx: stages.StageContext) -> list[str]:

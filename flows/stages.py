@@ -104,18 +104,19 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
     from tasks.dataset import find_real_images
     from tasks.generation import resolve_model_dir
     from tasks.prompts import expand_prompts
-    from tasks.validation import load_detector
+    from tasks.validation import load_detector, worker_detector
 
     if "prompts" in names:
         expand_prompts(params.prompts)  # quotas, control characters: milliseconds
     if "generate" in names:
         resolve_model_dir(params.generate.model)
-    if "validate" in names:
-        load_detector(params.validate_.model, "validate.model")
+    if "validate" in names:  # kept in this process's cache: the validate stage takes this copy
+        worker_detector(params.validate_.model, params.validate_.device, "validate.model")
     if "dataset" in names and params.dataset.real is not None and params.dataset.real_ratio > 0:
         find_real_images(params.dataset.real, len(params.prompts.classes))
     if "finetune" in names:
-        if not params.finetune.model.endswith(".yaml"):
+        checked = "validate" in names and params.finetune.model == params.validate_.model
+        if not params.finetune.model.endswith(".yaml") and not checked:
             load_detector(params.finetune.model, "finetune.model")
         if params.finetune.eval_data is not None and not params.finetune.eval_data.is_file():
             raise FileNotFoundError(f"finetune.eval_data: {params.finetune.eval_data}: no such file")
@@ -171,11 +172,12 @@ def generate(ctx: StageContext) -> dict[str, Any]:
 def validate(ctx: StageContext) -> dict[str, Any]:
     """Accept or reject each generated image; labels to ``validate/labels/``, table to ``validated.parquet``."""
     from tasks.grids import histogram, image_grid
-    from tasks.validation import load_detector, summarize_validation, validate_images
+    from tasks.validation import summarize_validation, validate_images, worker_detector
 
     generated = ctx.read_table("generate", "generated.parquet")
     with ctx.stage_run("validate") as run_id, ctx.sharding("validate") as map_shards:
-        detector = load_detector(ctx.params.validate_.model)
+        # The copy preflight loaded, if this process ran it; in-process shards use the same one.
+        detector = worker_detector(ctx.params.validate_.model, ctx.params.validate_.device)
         ctx.tracker.set_tags(run_id, {"validator.model": detector.path, "validator.hash": detector.model_hash})
         labels = ctx.out("validate", "labels")
         shutil.rmtree(labels, ignore_errors=True)  # labels are per run; stale ones would mislead

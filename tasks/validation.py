@@ -99,9 +99,16 @@ def _settings_key(detector: LoadedDetector, cfg: ValidateConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def worker_detector(path: str, device: str) -> LoadedDetector:
-    """This process's detector for ``path``, loaded on first use (on its own GPU, if it has several)."""
-    return worker_cache(("detector", path, shard_device(device)), lambda: load_detector(path))
+def worker_detector(path: str, device: str, field: str = "validate.model") -> LoadedDetector:
+    """This process's detector for ``path``, loaded on first use (on its own GPU, if it has several).
+
+    The file's size and modification time are part of the key, so weights replaced at the same path
+    are loaded afresh. The flow's preflight check, the validate stage and its in-process shards all
+    share the one copy.
+    """
+    file = Path(path)
+    stamp = (file.stat().st_size, file.stat().st_mtime_ns) if file.is_file() else None
+    return worker_cache(("detector", path, shard_device(device), stamp), lambda: load_detector(path, field))
 
 
 def detect(

@@ -105,3 +105,42 @@ def test_a_failing_detector_batch_is_retried_then_named_and_finished_batches_sta
     failing = {1}  # now a single transient fault: the retry absorbs it
     table = validate_images(detector, generated, cfg, CLASSES, tmp_path / "labels", tmp_path / "cache", progress=False)
     assert list(table["accepted"]) == [True, False, True, False, False] and len(calls) == 2  # 1 failed + batch 2
+
+
+def test_worker_detector_is_loaded_once_per_file_version(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preflight, the validate stage and in-process shards share one copy; replaced weights load afresh."""
+    import os
+    import shutil
+
+    from flows.stages import preflight
+    from tasks import validation
+    from tasks.config import load_params
+    from tasks.shards import release_worker_cache
+    from tasks.validation import worker_detector
+
+    loads: list[str] = []
+
+    def counting_load(path: str, field: str = "validate.model") -> validation.LoadedDetector:
+        loads.append(field)
+        return load_detector(path, field)
+
+    monkeypatch.setattr(validation, "load_detector", counting_load)
+
+    weights = tmp_path / "validator.pt"
+    shutil.copy(tiny_models["validator"], weights)
+    params = load_params(Path("params.smoke.yaml"), {"validate.model": str(weights), "finetune.model": str(weights)})
+    release_worker_cache()
+    try:
+        preflight(params, ("validate", "finetune"))  # finetune.model is the same file: checked once
+        first = worker_detector(str(weights), "cpu")
+        assert worker_detector(str(weights), "cpu") is first
+        assert loads == ["validate.model"]
+        stat = weights.stat()
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file is replaced
+        second = worker_detector(str(weights), "cpu")
+        assert second is not first and second.model_hash == first.model_hash
+        assert len(loads) == 2
+    finally:
+        release_worker_cache()

@@ -127,7 +127,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "finetune" in summary:
         f = summary["finetune"]
         start = "" if f.get("start_mAP50-95") is None else f"; starting weights {f['start_mAP50-95']:.3f}"
-        lines.append(f"  fine-tuned   on {f['dataset_version']}")
+        reused = " (reused: same data, settings and start weights; finetune.reuse=false trains again)"
+        lines.append(f"  fine-tuned   on {f['dataset_version']}{reused if f.get('reused') else ''}")
         lines.append(f"  mAP50-95     {f['mAP50-95']:.3f} (mAP50 {f['mAP50']:.3f}){start}, on {f['eval_set']}")
         lines.append(f"  model        {f['registered_model']} v{f['model_version']}  {f['weights']}")
         lines.append(f"  champion     v{f['champion_version']}: {f['promotion_reason']}")

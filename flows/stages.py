@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.config import Params
+from tasks.config import FinetuneConfig, Params
 from tasks.shards import MapShards
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, atomic_path, write_parquet_atomic, write_text_atomic
@@ -292,6 +292,16 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
     made = resolve_version(registry, dataset_version, name=name)
     cfg = ctx.params.finetune
     out = ctx.out("finetune")
+    key = finetune_key(cfg, made.tag, made.dvc_md5)
+    previous = reusable_finetune(ctx.out("finetune", "metrics.json"), key) if cfg.reuse else None
+    if previous is not None:
+        with ctx.stage_run("finetune") as run_id:
+            ctx.tracker.set_tags(run_id, {"dataset.version": made.tag, "dataset.md5": made.dvc_md5,
+                                          "synthdet.reused": previous["mlflow_run_id"]})  # fmt: skip
+            ctx.tracker.log_metrics(run_id, {k: previous[k] for k in ("mAP50-95", "mAP50") if k in previous})
+        log.info("finetune: %s with these settings was fine-tuned already (run %s): reused; finetune.reuse=false "
+                 "trains again", made.tag, previous["mlflow_run_id"])  # fmt: skip
+        return {**previous, "reused": True}
     with ctx.stage_run("finetune") as run_id:
         data = out / "data"
         shutil.rmtree(data, ignore_errors=True)
@@ -324,9 +334,39 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
             "start_mAP50-95": start["mAP50-95"] if start else None,
             "registered_model": cfg.registered_model,
             "model_version": model_version,
+            "mlflow_run_id": run_id,
+            "key": key,
         }
         write_text_atomic(ctx.out("finetune", "metrics.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def finetune_key(cfg: FinetuneConfig, dataset_tag: str, dataset_md5: str) -> str:
+    """What a fine-tune's result depends on: its settings, the starting weights' bytes and the dataset version.
+
+    ``finetune.eval_data`` counts by its path, not its images: re-scoring on a changed held-out set
+    needs ``finetune.reuse: false``.
+    """
+    import hashlib
+
+    start = Path(cfg.model)
+    weights = hashlib.sha256(start.read_bytes()).hexdigest() if start.is_file() else cfg.model
+    settings = cfg.model_dump(mode="json", exclude={"reuse"})
+    blob = json.dumps({"settings": settings, "weights": weights, "dataset": [dataset_tag, dataset_md5]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reusable_finetune(metrics_file: Path, key: str) -> dict[str, Any] | None:
+    """The last fine-tune's summary if it was made with ``key`` and its weights are still there."""
+    if not metrics_file.is_file():
+        return None
+    try:
+        previous = json.loads(metrics_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if previous.get("key") != key or not Path(previous.get("weights", "")).is_file():
+        return None
+    return previous
 
 
 def promote(ctx: StageContext, run_id: str, score: float, model_version: str, data_yaml: Path) -> dict[str, Any]:

@@ -216,6 +216,11 @@ class FinetuneConfig(Section):
     promote_margin: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.0, description="mAP50-95 a new model must gain over the champion to replace it."
     )
+    reuse: bool = Field(
+        True,
+        description="A re-run with the same dataset version, settings and starting weights reuses the last "
+        "fine-tune of this run name instead of training again; false always trains.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +249,7 @@ class TrainGeneratorConfig(Section):
     seed: int = 0
     image_size: PositiveInt = 64
     vae_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64], min_length=2, max_length=4)
+    latent_channels: Annotated[int, Field(ge=1, le=64)] = 8
     vae_steps: Annotated[int, Field(ge=0)] = 1500
     vae_batch: PositiveInt = 32
     vae_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3

@@ -183,15 +183,22 @@ def test_pipeline_end_to_end(smoke_params: Path, guarded_env: dict[str, str], tm
     champion = str(client.get_model_version_by_alias("synthdet-detector", "champion").version)
     assert champion == ("2" if promoted else "1")
 
-    # The retrain flow fine-tunes on the latest version and records its promotion decision.
+    # The retrain flow fine-tunes on the latest version: with nothing changed since the last
+    # fine-tune it reuses that one (no new model version), unless finetune.reuse is off; then it
+    # trains and records its promotion decision.
+    reused = synthdet(["run", "--flow", "retrain", "--params", str(smoke_params)], guarded_env)
+    assert "fine-tuned   on synthetic-v2 (reused" in reused.stdout
+    assert len(client.search_model_versions("name='synthdet-detector'")) == 2
+    raw["finetune"]["reuse"] = False
+    smoke_params.write_text(yaml.safe_dump(raw))
     retrained = synthdet(["run", "--flow", "retrain", "--params", str(smoke_params)], guarded_env)
-    assert "synthdet retrain: done" in retrained.stdout and "fine-tuned   on synthetic-v2" in retrained.stdout
+    assert "synthdet retrain: done" in retrained.stdout and "fine-tuned   on synthetic-v2\n" in retrained.stdout
     assert len(client.search_model_versions("name='synthdet-detector'")) == 3
     assert "champion     v" in retrained.stdout
 
     # No planted secret was written anywhere in the workspace (MLflow store and artifacts, Prefect's
     # database and logs, the registry, the run folders) or printed.
-    printed = "".join(r.stdout + r.stderr for r in (first, second, retrained))
+    printed = "".join(r.stdout + r.stderr for r in (first, second, reused, retrained))
     for secret in SECRETS.values():
         assert secret not in printed
         leaks = [p for p in ws.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

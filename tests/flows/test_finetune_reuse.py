@@ -1,0 +1,37 @@
+"""A re-run reuses the last fine-tune only when nothing it depends on changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flows.stages import finetune_key, reusable_finetune
+from tasks.config import FinetuneConfig
+
+
+def test_the_key_follows_settings_start_weights_and_dataset(tmp_path: Path) -> None:
+    weights = tmp_path / "start.pt"
+    weights.write_bytes(b"weights one")
+    cfg = FinetuneConfig(model=str(weights))
+    key = finetune_key(cfg, "synthetic-v1", "abc")
+    assert finetune_key(cfg, "synthetic-v1", "abc") == key
+    assert finetune_key(cfg.model_copy(update={"reuse": False}), "synthetic-v1", "abc") == key  # not a setting
+    assert finetune_key(cfg.model_copy(update={"epochs": 11}), "synthetic-v1", "abc") != key
+    assert finetune_key(cfg, "synthetic-v2", "abc") != key
+    assert finetune_key(cfg, "synthetic-v1", "abd") != key
+    weights.write_bytes(b"weights two")  # same path, new bytes
+    assert finetune_key(cfg, "synthetic-v1", "abc") != key
+
+
+def test_only_a_matching_summary_with_its_weights_is_reused(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.json"
+    assert reusable_finetune(metrics, "k1") is None  # no earlier fine-tune
+    best = tmp_path / "best.pt"
+    best.write_bytes(b"trained")
+    metrics.write_text(json.dumps({"key": "k1", "weights": str(best), "mAP50-95": 0.5, "mlflow_run_id": "r"}))
+    assert reusable_finetune(metrics, "k1")["mAP50-95"] == 0.5
+    assert reusable_finetune(metrics, "k2") is None  # something changed
+    best.unlink()
+    assert reusable_finetune(metrics, "k1") is None  # the weights are gone
+    metrics.write_text("{not json")
+    assert reusable_finetune(metrics, "k1") is None

@@ -86,15 +86,30 @@ def render_real(
     return pd.DataFrame(rows)
 
 
+def folder_digest(folder: Path) -> str:
+    """A short hash of every file's relative path and bytes under ``folder``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def autoencoder_round_trip(vae_dir: Path, paths: Sequence[str], out_dir: Path, batch: int = 64) -> list[str]:
-    """Encode and decode each image with the generator's ``AutoencoderKL`` (the posterior mean)."""
+    """Encode and decode each image with the generator's ``AutoencoderKL`` (the posterior mean).
+
+    Finished images in ``out_dir`` are reused; their names carry the autoencoder's digest, so a
+    retrained one makes (and has detected) its own.
+    """
     import torch
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, local_files_only=True).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    digest = folder_digest(vae_dir)
     outs = [
-        out_dir / f"{Path(p).stem}-roundtrip.png" for p in paths
+        out_dir / f"{Path(p).stem}-roundtrip-{digest}.png" for p in paths
     ]  # names of their own: detections are cached by name
     todo = [i for i, out in enumerate(outs) if not out.is_file()]
     for start in tqdm(range(0, len(todo), batch), desc="autoencoder round trip", unit="batch"):

@@ -102,7 +102,8 @@ def _time_steps(cfg, steps: int) -> tuple[float, float, int]:
         optimizer.step()
         vae_times.append(time.perf_counter() - began)
     side = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
-    z = torch.randn(cfg.unet_batch, 4, side, side)
+    unet.to(memory_format=torch.channels_last)  # as tasks/train_generator.py trains it
+    z = torch.randn(cfg.unet_batch, cfg.latent_channels, side, side).contiguous(memory_format=torch.channels_last)
     ids = torch.randint(0, len(words), (cfg.unet_batch, cfg.max_tokens))
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params)

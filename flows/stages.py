@@ -610,6 +610,9 @@ def evaluate_default(
             "per_cell": per_cell,
             "conf": conf,
             "generate_seconds_per_image": round(generate_seconds / max(1, len(generated)), 3),
+            "generation": gen_cfg.model_dump(
+                mode="json", include={"num_inference_steps", "guidance_scale", "scheduler"}
+            ),
             "fidelity": ev.fidelity_summary(table),
             "map50_95": map50_95,
             "training": training,

@@ -203,6 +203,15 @@ def markdown_report(result: dict, classes: Sequence[str], conditions: Sequence[s
         "",
         "## Generator fidelity",
         "",
+        *(
+            [
+                f"Generated with {g['num_inference_steps']} steps of the pipeline's scheduler at guidance scale "
+                f"{g['guidance_scale']} (params `generate`; `python -m bench.guidance` compares scales)."
+            ]
+            if (g := result.get("generation"))
+            else []
+        ),
+        "",
         "| source | overall | " + " | ".join(conditions) + " | " + " | ".join(classes) + " |",
         "|---|---|" + "---|" * (len(conditions) + len(classes)),
     ]

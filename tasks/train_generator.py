@@ -3,7 +3,8 @@
 Three parts, trained from scratch on captioned images (captions only, no boxes: the analogue of a
 web-scale image-text corpus), saved as a standard diffusers ``StableDiffusionPipeline`` folder:
 
-1. an ``AutoencoderKL`` (64x64 RGB <-> 16x16x4 latents), trained first with L1, an edge loss that keeps
+1. an ``AutoencoderKL`` (64x64 RGB <-> 16x16x8 latents: 8 channels, not Stable Diffusion's 4, keep small
+   shapes through the round trip), trained first with L1, an edge loss that keeps
    small shapes sharp (the autoencoder is the usual fidelity bottleneck) and a tiny KL term;
 2. a CLIP text encoder with a word-level tokenizer built from the captions' vocabulary;
 3. a ``UNet2DConditionModel`` trained on precomputed latents with DDPM epsilon prediction, min-SNR-gamma
@@ -92,7 +93,7 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
         sample_size=cfg.image_size,
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=cfg.latent_channels,
         block_out_channels=tuple(cfg.vae_channels),
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * blocks,
@@ -118,8 +119,8 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
     up = ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",)
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // 2 ** (blocks - 1),
-        in_channels=4,
-        out_channels=4,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
         block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=cfg.unet_layers,
         down_block_types=down,
@@ -200,6 +201,7 @@ def train_generator(
 
     # 2 + 3. Text encoder and UNet, together.
     began = time.perf_counter()
+    unet.to(memory_format=torch.channels_last)  # mkldnn convolutions run 15-25% faster so on this CPU
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.unet_steps)
@@ -210,7 +212,7 @@ def train_generator(
     unet_loss = float("nan")
     for step in tqdm(range(cfg.unet_steps), desc="train unet", disable=not progress):
         idx = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
-        z0, ids = latents[idx], tokens[idx].clone()
+        z0, ids = latents[idx].contiguous(memory_format=torch.channels_last), tokens[idx].clone()
         ids[torch.rand(len(ids)) < cfg.caption_dropout] = empty[0]  # unconditional, for guidance
         eps = torch.randn_like(z0)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),))
@@ -228,6 +230,7 @@ def train_generator(
         if on_step and step % 50 == 0:
             on_step("unet", step, unet_loss)
     ema.copy_to(params)
+    unet.to(memory_format=torch.contiguous_format)
     unet_seconds = time.perf_counter() - began
 
     scheduler = DDIMScheduler.from_config(noise.config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)

@@ -130,7 +130,8 @@ def test_worker_detector_is_loaded_once_per_file_version(
 
     weights = tmp_path / "validator.pt"
     shutil.copy(tiny_models["validator"], weights)
-    params = load_params(Path("params.smoke.yaml"), {"validate.model": str(weights), "finetune.model": str(weights)})
+    smoke = Path(__file__).resolve().parents[2] / "params.smoke.yaml"
+    params = load_params(smoke, {"validate.model": str(weights), "finetune.model": str(weights)})
     release_worker_cache()
     try:
         preflight(params, ("validate", "finetune"))  # finetune.model is the same file: checked once

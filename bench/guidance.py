@@ -46,13 +46,12 @@ def main(argv: list[str] | None = None) -> dict:
     from ultralytics import YOLO
 
     from tasks import evaluate_default as ev
-    from tasks.world import COMMON_CONDITIONS, CONDITIONS
+    from tasks.world import CONDITIONS
 
     prompts = ev.prompt_table(CLASSES, CONDITIONS, args.per_cell, seed=0)
     pipe = StableDiffusionPipeline.from_pretrained(args.generator, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     judges = {"validator": YOLO(str(args.validator)), "reference": YOLO(str(args.reference))}
-    common = prompts["condition"].isin(COMMON_CONDITIONS).to_numpy()
     rows = []
     for scale in (float(s) for s in args.scales.split(",")):
         began = time.perf_counter()
@@ -64,17 +63,14 @@ def main(argv: list[str] | None = None) -> dict:
                        width=64, generator=seeds, output_type="np").images  # fmt: skip
             images += [np.ascontiguousarray((x * 255).round().astype(np.uint8)[..., ::-1]) for x in out]  # BGR
         seconds = time.perf_counter() - began
-        found = {}
+        judged = prompts.assign(source="generated")
         for name, judge in judges.items():
             results = judge.predict(images, imgsz=64, conf=0.25, verbose=False, batch=64)
-            intended = prompts["class"].tolist()
-            found[name] = np.array(
-                [any(judge.names[int(c)] == cls for c in r.boxes.cls) for r, cls in zip(results, intended, strict=True)]
-            )
-        ok = np.where(common, found["validator"], found["reference"])
-        row = {"guidance": scale, "images": len(images), "fidelity": round(float(ok.mean()), 3)}
-        row |= {c: round(float(ok[(prompts["condition"] == c).to_numpy()].mean()), 2) for c in CONDITIONS}
-        row |= {c: round(float(ok[(prompts["class"] == c).to_numpy()].mean()), 2) for c in CLASSES}
+            detections = [[{"name": judge.names[int(c)]} for c in r.boxes.cls] for r in results]
+            judged[f"found_{name}"] = ev.found(detections, prompts["class"].tolist())
+        fidelity = ev.fidelity_summary(judged)["generated"]  # the judge that counts, as evaluate-default
+        row = {"guidance": scale, "images": len(images), "fidelity": round(fidelity["overall"], 3)}
+        row |= {k: round(v, 2) for k, v in {**fidelity["by_condition"], **fidelity["by_class"]}.items()}
         row["s/image"] = round(seconds / len(images), 3)
         rows.append(row)
         print(table([row]), flush=True)

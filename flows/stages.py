@@ -349,8 +349,10 @@ def finetune_key(cfg: FinetuneConfig, dataset_tag: str, dataset_md5: str) -> str
     """
     import hashlib
 
+    from tasks.generation import file_sha256
+
     start = Path(cfg.model)
-    weights = hashlib.sha256(start.read_bytes()).hexdigest() if start.is_file() else cfg.model
+    weights = file_sha256(start) if start.is_file() else cfg.model
     settings = cfg.model_dump(mode="json", exclude={"reuse"})
     blob = json.dumps({"settings": settings, "weights": weights, "dataset": [dataset_tag, dataset_md5]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -86,16 +86,6 @@ def render_real(
     return pd.DataFrame(rows)
 
 
-def folder_digest(folder: Path) -> str:
-    """A short hash of every file's relative path and bytes under ``folder``."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def autoencoder_round_trip(vae_dir: Path, paths: Sequence[str], out_dir: Path, batch: int = 64) -> list[str]:
     """Encode and decode each image with the generator's ``AutoencoderKL`` (the posterior mean).
 
@@ -105,9 +95,11 @@ def autoencoder_round_trip(vae_dir: Path, paths: Sequence[str], out_dir: Path, b
     import torch
     from diffusers import AutoencoderKL
 
+    from tasks.generation import hash_model_dir
+
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, local_files_only=True).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = folder_digest(vae_dir)
+    digest = hash_model_dir(vae_dir)
     outs = [
         out_dir / f"{Path(p).stem}-roundtrip-{digest}.png" for p in paths
     ]  # names of their own: detections are cached by name

@@ -46,11 +46,11 @@ def histogram(
     """
     import numpy as np
 
-    counts, edges = np.histogram(np.asarray(list(values), dtype=float), bins=bins, range=value_range)
+    counts, _ = np.histogram(np.asarray(list(values), dtype=float), bins=bins, range=value_range)
     width, height = size
     left, right, top, bottom = 56, 12, 26, 36  # margins for the title, the axes and their labels
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = max(1, int(counts.max()) if len(counts) else 1)
+    peak = max(1, int(counts.max()))
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
@@ -65,8 +65,7 @@ def histogram(
     for value in (value_range[0], (value_range[0] + value_range[1]) / 2, value_range[1]):
         x = left + plot_w * (value - value_range[0]) / (value_range[1] - value_range[0])
         draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill="black")
-        label = f"{value:g}"
-        draw.text((x, top + plot_h + 6), label, fill="black", font=font, anchor="ma")
+        draw.text((x, top + plot_h + 6), f"{value:g}", fill="black", font=font, anchor="ma")
     for count in (0, peak):
         y = top + plot_h * (1 - count / peak)
         draw.line([(left - 4, y), (left, y)], fill="black")

@@ -106,8 +106,8 @@ def worker_detector(path: str, device: str, field: str = "validate.model") -> Lo
     are loaded afresh. The flow's preflight check, the validate stage and its in-process shards all
     share the one copy.
     """
-    file = Path(path)
-    stamp = (file.stat().st_size, file.stat().st_mtime_ns) if file.is_file() else None
+    stat = Path(path).stat() if Path(path).is_file() else None
+    stamp = (stat.st_size, stat.st_mtime_ns) if stat else None
     return worker_cache(("detector", path, shard_device(device), stamp), lambda: load_detector(path, field))
 
 

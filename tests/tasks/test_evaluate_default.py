@@ -55,14 +55,15 @@ def test_common_conditions_are_judged_by_the_validator_and_rare_ones_by_the_refe
 def test_round_trips_of_a_retrained_autoencoder_are_not_reused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
-    from tasks.evaluate_default import autoencoder_round_trip, folder_digest
+    from tasks.evaluate_default import autoencoder_round_trip
+    from tasks.generation import hash_model_dir
 
     image = tmp_path / "real.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
     vae = tmp_path / "vae"
     shutil.copytree(tiny_models["generator"] / "vae", vae)
     first = autoencoder_round_trip(vae, [str(image)], tmp_path / "roundtrip")
-    assert Path(first[0]).is_file() and folder_digest(vae) in first[0]
+    assert Path(first[0]).is_file() and hash_model_dir(vae) in first[0]
     assert autoencoder_round_trip(vae, [str(image)], tmp_path / "roundtrip") == first  # reused as it is
     config = vae / "config.json"
     config.write_text(config.read_text() + " ")  # any change to the autoencoder's files

@@ -140,7 +140,7 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     trials = ex.plan_trials(cfg)
     results_path = out_dir / "results.parquet"
     done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
-    fp = ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate.model, ctx.params.validate_)
+    fp = ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate, ctx.params.validate_)
     stale = done["fingerprint"] != fp if "fingerprint" in done else pd.Series(True, index=done.index)
     if stale.any():
         logger.warning("experiment %s: %d stored trials were made with other settings; they run again",

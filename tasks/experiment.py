@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tasks.config import ExperimentConfig, FinetuneConfig, PromptsConfig, ValidateConfig
+from tasks.config import ExperimentConfig, FinetuneConfig, GenerateConfig, PromptsConfig, ValidateConfig
 from tasks.dataset import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,29 @@ def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
     return sorted(trials, key=lambda t: order[t.arm])  # stable: config order within an arm
 
 
-def fingerprint(cfg: ExperimentConfig, ft: FinetuneConfig, generator: str, validate: ValidateConfig) -> str:
+def model_digest(path: str) -> str:
+    """What a model's figures depend on: a digest of a local weights file or pipeline folder's bytes, so
+    weights replaced at the same path count as a change; a hub id stands for itself."""
+    from tasks.generation import file_sha256, hash_model_dir
+
+    local = Path(path)
+    if local.is_dir():
+        return hash_model_dir(local)
+    return file_sha256(local)[:16] if local.is_file() else path
+
+
+def fingerprint(cfg: ExperimentConfig, ft: FinetuneConfig, generate: GenerateConfig, validate: ValidateConfig) -> str:
     """What a stored trial's figures depend on besides its key: a finished trial is reused only while
-    this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out)."""
+    this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out).
+    Models count by content (``model_digest``), generation by what sets an image's pixels."""
     import hashlib
 
     grid = {"name", "arms", "k", "seeds", "shares", "thresholds", "sweep_arm", "sweep_k", "synthetic_share", "conf"}
+    models = {m: model_digest(m) for m in (generate.model, ft.model, validate.model, cfg.labeller) if m}
     settings = {"experiment": cfg.model_dump(mode="json", exclude=grid), "finetune": ft.model_dump(mode="json"),
-                "generate.model": generator, "validate": validate.model_dump(mode="json")}  # fmt: skip
+                "generate": generate.model_dump(mode="json", exclude={"device", "batch_size", "retries",
+                                                                      "retry_backoff_s"}),
+                "validate": validate.model_dump(mode="json"), "models": models}  # fmt: skip
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -82,12 +82,19 @@ def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
     assert box_iou([0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]) == 0.0
 
 
-def test_fingerprint_follows_the_settings_not_the_grid() -> None:
-    from tasks.config import FinetuneConfig, ValidateConfig
+def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
+    from tasks.config import FinetuneConfig, GenerateConfig, ValidateConfig
     from tasks.experiment import fingerprint
 
-    ft, validate = FinetuneConfig(model="a.pt"), ValidateConfig(model="a.pt")
-    base = fingerprint(ExperimentConfig(), ft, "gen", validate)
-    assert fingerprint(ExperimentConfig(arms=["real"], seeds=[5], k=[3]), ft, "gen", validate) == base
-    assert fingerprint(ExperimentConfig(lr0=0.01), ft, "gen", validate) != base
-    assert fingerprint(ExperimentConfig(), ft, "other-generator", validate) != base
+    weights = tmp_path / "a.pt"
+    weights.write_bytes(b"weights 1")
+    ft, validate = FinetuneConfig(model=str(weights)), ValidateConfig(model=str(weights))
+    gen = GenerateConfig(model="gen")
+    base = fingerprint(ExperimentConfig(), ft, gen, validate)
+    assert fingerprint(ExperimentConfig(arms=["real"], seeds=[5], k=[3]), ft, gen, validate) == base
+    assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"batch_size": 3}), validate) == base
+    assert fingerprint(ExperimentConfig(lr0=0.01), ft, gen, validate) != base
+    assert fingerprint(ExperimentConfig(), ft, GenerateConfig(model="other-generator"), validate) != base
+    assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"guidance_scale": 9.0}), validate) != base
+    weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
+    assert fingerprint(ExperimentConfig(), ft, gen, validate) != base

@@ -265,6 +265,11 @@ class TrainGeneratorConfig(Section):
     unet_lr: Annotated[float, Field(gt=0, le=1)] = 5e-4
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     caption_dropout: Fraction = 0.1
+    single_object_share: Fraction | None = Field(
+        None,
+        description="Share of each UNet batch drawn from one-object captions (prompts ask for one object); "
+        "None draws every caption alike.",
+    )
     min_snr_gamma: Annotated[float, Field(gt=0)] = 5.0
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.998
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tasks.config import GenerateConfig, TrainGeneratorConfig
 from tasks.generation import generate_images, load_pipeline
-from tasks.train_generator import load_captioned, train_generator
+from tasks.train_generator import draw_batch, load_captioned, train_generator
 
 TINY = TrainGeneratorConfig(
     vae_channels=[8, 16, 16],
@@ -74,3 +74,13 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
         train_generator(images[:, :32, :32], captions, TINY, tmp_path / "g", progress=False)
     with pytest.raises(FileNotFoundError, match="no captions.parquet"):
         load_captioned(tmp_path)
+
+
+def test_batches_weighted_toward_one_object_captions() -> None:
+    single = np.array([True] * 10 + [False] * 30)
+    batch = draw_batch(np.random.default_rng(0), single, 64, 0.75)
+    assert len(batch) == 64 and single[batch].sum() == 48
+    uniform = draw_batch(np.random.default_rng(0), single, 400, None)
+    assert 60 < single[uniform].sum() < 140  # about a quarter, as in the set
+    only_single = draw_batch(np.random.default_rng(0), np.ones(5, bool), 8, 0.75)
+    assert len(only_single) == 8 and only_single.max() < 5  # one kind missing: drawn alike, no error

@@ -38,6 +38,7 @@ SHARD_TASKS = {
     )
     for stage in ("generate", "validate")
 }
+STAGE_MODELS = {"generate": "pipeline", "validate": "detector"}  # what each stage's shards keep in worker_cache
 
 
 def worker_env(cfg: RunnerConfig) -> dict[str, str]:
@@ -93,4 +94,6 @@ def shard_runner(cfg: RunnerConfig, stage: str, progress: bool = True) -> Iterat
         with runner:
             yield map_shards
     finally:
-        release_worker_cache()  # the local runner's models live in this process
+        # The local runner's models live in this process. Only this stage's go: the detector preflight
+        # loaded must outlive the generate stage, or validate loads it again.
+        release_worker_cache(STAGE_MODELS[stage])

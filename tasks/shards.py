@@ -38,9 +38,11 @@ def worker_cache(key: tuple, load: Callable[[], R]) -> R:
     return _WORKER_CACHE[key]
 
 
-def release_worker_cache() -> None:
-    """Drop this process's loaded models (a stage that ran its shards in-process calls this at its end)."""
-    _WORKER_CACHE.clear()
+def release_worker_cache(kind: str | None = None) -> None:
+    """Drop this process's loaded models: all of them, or one kind (a key's first item: "pipeline",
+    "detector"), so a stage that ran its shards in-process frees its own models and keeps the others'."""
+    for key in [key for key in _WORKER_CACHE if kind is None or key[0] == kind]:
+        del _WORKER_CACHE[key]
 
 
 def worker_slot() -> int:

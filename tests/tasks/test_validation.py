@@ -137,6 +137,8 @@ def test_worker_detector_is_loaded_once_per_file_version(
         preflight(params, ("validate", "finetune"))  # finetune.model is the same file: checked once
         first = worker_detector(str(weights), "cpu")
         assert worker_detector(str(weights), "cpu") is first
+        release_worker_cache("pipeline")  # the generate stage's end, between preflight and validate
+        assert worker_detector(str(weights), "cpu") is first
         assert loads == ["validate.model"]
         stat = weights.stat()
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file is replaced

@@ -207,14 +207,12 @@ def validate(ctx: StageContext) -> dict[str, Any]:
         if len(accepted):
             captions = [f"{c} {p:.2f}" for c, p in zip(accepted["class"], accepted["confidence"], strict=True)]
             grid = image_grid(accepted["path"], captions)
-            for run in runs:
-                ctx.tracker.log_image(run, grid, "accepted_grid.png")
+            ctx.tracker.log_image(runs, grid, "accepted_grid.png")
         rejected = validated[~validated["accepted"] & (validated["path"] != "")].head(GRID_SIZE)
         if len(rejected):
             captions = [f"{c}: {r}" for c, r in zip(rejected["class"], rejected["reject_reason"], strict=True)]
             grid = image_grid(rejected["path"], captions)
-            for run in runs:
-                ctx.tracker.log_image(run, grid, "rejected_grid.png")
+            ctx.tracker.log_image(runs, grid, "rejected_grid.png")
     return {
         "accepted": int(metrics["accepted"]),
         "validated": len(validated),

@@ -25,6 +25,7 @@ def test_nested_runs_with_params_metrics_artifacts(tracker: Tracker, tmp_path: P
         tracker.log_metrics(child, {"prompts": 12, "bad": float("nan"), "metrics/mAP50(B)": 0.5}, step=3)
         tracker.log_table(child, pd.DataFrame({"prompt": ["a", "b"]}), "prompts.json")
         tracker.log_image(child, Image.new("RGB", (8, 8)), "grid.png")
+        tracker.log_image([child, parent], Image.new("RGB", (8, 4), "red"), "grids/both.png")  # encoded once
         (tmp_path / "f.txt").write_text("x")
         tracker.log_artifact(child, tmp_path / "f.txt", "files")
     run = tracker.get_run(child)
@@ -34,6 +35,10 @@ def test_nested_runs_with_params_metrics_artifacts(tracker: Tracker, tmp_path: P
     assert run.data.metrics == {"prompts": 12.0, "metrics/mAP50_B_": 0.5}  # NaN dropped, key made legal
     paths = {a.path for a in tracker.client.list_artifacts(child)}
     assert {"prompts.json", "grid.png", "files"} <= paths
+    for run_id in (child, parent):
+        local = tracker.client.download_artifacts(run_id, "grids/both.png", str(tmp_path / run_id))
+        with Image.open(local) as image:
+            assert image.size == (8, 4) and image.getpixel((0, 0)) == (255, 0, 0)
     assert (tmp_path / "artifacts").is_dir()
 
 

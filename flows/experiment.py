@@ -140,8 +140,12 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     trials = ex.plan_trials(cfg)
     results_path = out_dir / "results.parquet"
     done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
-    fp = ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate, ctx.params.validate_)
-    stale = done["fingerprint"] != fp if "fingerprint" in done else pd.Series(True, index=done.index)
+    fp = {uses: ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate if uses else None, ctx.params.validate_)
+          for uses in (True, False)}  # fmt: skip
+    expected = pd.Series(
+        [fp[ex.arm_uses_generator(arm)] for arm in done.get("arm", [])], index=done.index, dtype=object
+    )
+    stale = done.get("fingerprint", pd.Series(None, index=done.index, dtype=object)) != expected
     if stale.any():
         logger.warning("experiment %s: %d stored trials were made with other settings; they run again",
                        cfg.name, int(stale.sum()))  # fmt: skip
@@ -169,7 +173,8 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
             log_reused(ctx, row, cfg, parent)
         rows = done.to_dict("records")
         for trial in todo:
-            rows.append({**run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent), "fingerprint": fp})
+            row = run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent)
+            rows.append({**row, "fingerprint": fp[trial.uses_generator]})
             done = pd.DataFrame(rows)
             write_parquet_atomic(done, results_path)
         results = done[done["key"].isin({t.key for t in trials})]

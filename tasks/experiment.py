@@ -63,6 +63,15 @@ class Trial:
     def uses_synthetic(self) -> bool:
         return self.arm in ("unfiltered", "validated", "adapted")
 
+    @property
+    def uses_generator(self) -> bool:
+        return arm_uses_generator(self.arm)
+
+
+def arm_uses_generator(arm: str) -> bool:
+    """An arm's figures depend on the generator: its synthetic images, or (ceiling) how many adapted got."""
+    return arm in ("unfiltered", "validated", "adapted", "ceiling")
+
 
 def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
     """Every trial the config asks for, in an order where each trial's inputs come first.
@@ -105,18 +114,27 @@ def model_digest(path: str) -> str:
     return file_sha256(local)[:16] if local.is_file() else path
 
 
-def fingerprint(cfg: ExperimentConfig, ft: FinetuneConfig, generate: GenerateConfig, validate: ValidateConfig) -> str:
+def fingerprint(
+    cfg: ExperimentConfig, ft: FinetuneConfig, generate: GenerateConfig | None, validate: ValidateConfig
+) -> str:
     """What a stored trial's figures depend on besides its key: a finished trial is reused only while
     this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out).
-    Models count by content (``model_digest``), generation by what sets an image's pixels."""
+    Models count by content (``model_digest``), generation by what sets an image's pixels; ``generate``
+    is None for a trial that does not use the generator (``Trial.uses_generator``), so a new generator
+    leaves its figures standing."""
     import hashlib
 
     grid = {"name", "arms", "k", "seeds", "shares", "thresholds", "sweep_arm", "sweep_k", "synthetic_share", "conf"}
-    models = {m: model_digest(m) for m in (generate.model, ft.model, validate.model, cfg.labeller) if m}
-    settings = {"experiment": cfg.model_dump(mode="json", exclude=grid), "finetune": ft.model_dump(mode="json"),
-                "generate": generate.model_dump(mode="json", exclude={"device", "batch_size", "retries",
-                                                                      "retry_backoff_s"}),
-                "validate": validate.model_dump(mode="json"), "models": models}  # fmt: skip
+    models = [generate.model if generate else None, ft.model, validate.model, cfg.labeller]
+    settings = {
+        "experiment": cfg.model_dump(mode="json", exclude=grid),
+        "finetune": ft.model_dump(mode="json"),
+        "validate": validate.model_dump(mode="json"),
+        "models": {m: model_digest(m) for m in models if m},
+    }
+    if generate is not None:
+        settings["generate"] = generate.model_dump(mode="json", exclude={"device", "batch_size", "retries",
+                                                                         "retry_backoff_s"})  # fmt: skip
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -96,3 +96,16 @@ def test_experiment_flow_writes_table_runs_and_plots(
     assert again.exit_code == 0, again.output + repr(again.exception)
     assert "4 trials (0 run now)" in again.output
     assert len(pd.read_parquet(out / "results.parquet")) == 4
+
+    # Another guidance scale changes the synthetic images: the arms that use them run again, real does not.
+    raw = yaml.safe_load(params.read_text())
+    raw["generate"]["guidance_scale"] = raw["generate"]["guidance_scale"] + 1.0
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    regenerated = runner.invoke(app, args)
+    assert regenerated.exit_code == 0, regenerated.output + repr(regenerated.exception)
+    assert "4 trials (3 run now)" in regenerated.output
+    rerun = pd.read_parquet(out / "results.parquet")
+    assert sorted(rerun["key"]) == sorted(results["key"])
+    assert rerun.set_index("key").loc["real-k2-s0-share1-conf0.002", "mlflow_run_id"] == (
+        results.set_index("key").loc["real-k2-s0-share1-conf0.002", "mlflow_run_id"]
+    )

@@ -96,5 +96,8 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     assert fingerprint(ExperimentConfig(lr0=0.01), ft, gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, GenerateConfig(model="other-generator"), validate) != base
     assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"guidance_scale": 9.0}), validate) != base
+    unaffected = fingerprint(ExperimentConfig(), ft, None, validate)  # e.g. the real arm: no generator
+    assert fingerprint(ExperimentConfig(), ft, None, validate) == unaffected != base
     weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
     assert fingerprint(ExperimentConfig(), ft, gen, validate) != base
+    assert fingerprint(ExperimentConfig(), ft, None, validate) != unaffected

@@ -142,10 +142,8 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
     fp = {uses: ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate if uses else None, ctx.params.validate_)
           for uses in (True, False)}  # fmt: skip
-    expected = pd.Series(
-        [fp[ex.arm_uses_generator(arm)] for arm in done.get("arm", [])], index=done.index, dtype=object
-    )
-    stale = done.get("fingerprint", pd.Series(None, index=done.index, dtype=object)) != expected
+    stale = pd.Series([row.get("fingerprint") != fp[ex.arm_uses_generator(row["arm"])]
+                       for row in done.to_dict("records")], index=done.index, dtype=bool)  # fmt: skip
     if stale.any():
         logger.warning("experiment %s: %d stored trials were made with other settings; they run again",
                        cfg.name, int(stale.sum()))  # fmt: skip
@@ -174,7 +172,7 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
         rows = done.to_dict("records")
         for trial in todo:
             row = run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent)
-            rows.append({**row, "fingerprint": fp[trial.uses_generator]})
+            rows.append({**row, "fingerprint": fp[ex.arm_uses_generator(trial.arm)]})
             done = pd.DataFrame(rows)
             write_parquet_atomic(done, results_path)
         results = done[done["key"].isin({t.key for t in trials})]

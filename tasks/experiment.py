@@ -63,10 +63,6 @@ class Trial:
     def uses_synthetic(self) -> bool:
         return self.arm in ("unfiltered", "validated", "adapted")
 
-    @property
-    def uses_generator(self) -> bool:
-        return arm_uses_generator(self.arm)
-
 
 def arm_uses_generator(arm: str) -> bool:
     """An arm's figures depend on the generator: its synthetic images, or (ceiling) how many adapted got."""
@@ -120,7 +116,7 @@ def fingerprint(
     """What a stored trial's figures depend on besides its key: a finished trial is reused only while
     this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out).
     Models count by content (``model_digest``), generation by what sets an image's pixels; ``generate``
-    is None for a trial that does not use the generator (``Trial.uses_generator``), so a new generator
+    is None for a trial that does not use the generator (``arm_uses_generator``), so a new generator
     leaves its figures standing."""
     import hashlib
 

@@ -182,9 +182,13 @@ class Tracker:
         self.client.set_registered_model_alias(name, alias, version)
 
     def download_weights(self, run_id: str, dest: Path) -> Path:
-        """The ``weights/best.pt`` a finetune run logged, copied under ``dest``."""
+        """The weights a finetune run logged (``weights/best.pt`` or ``weights/last.pt``, as
+        ``finetune.select`` chose), copied under ``dest``."""
+        found = [a.path for a in self.client.list_artifacts(run_id, "weights") if a.path.endswith(".pt")]
+        if len(found) != 1:
+            raise FileNotFoundError(f"MLflow run {run_id}: expected one weights/*.pt artifact, found {found}")
         dest.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, "weights/best.pt", str(dest)))
+        return Path(self.client.download_artifacts(run_id, found[0], str(dest)))
 
 
 def redact(uri: str) -> str:

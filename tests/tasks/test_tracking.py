@@ -79,3 +79,16 @@ def test_runs_left_running_by_a_dead_process_are_failed_with_a_reason(tracker: T
     assert tracker.get_run(finished).info.status == "FINISHED"
     assert tracker.get_run(elsewhere).info.status == "RUNNING"
     assert tracker.fail_stale_runs(mine, "again") == []  # nothing left to close
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_download_weights_finds_the_weights_a_run_logged(tracker: Tracker, tmp_path: Path, name: str) -> None:
+    weights = tmp_path / name
+    weights.write_bytes(b"weights " + name.encode())
+    with tracker.run("finetune") as run_id:
+        tracker.log_artifact(run_id, weights, "weights")
+    assert tracker.download_weights(run_id, tmp_path / "back").read_bytes() == weights.read_bytes()
+    with tracker.run("finetune") as empty:
+        pass
+    with pytest.raises(FileNotFoundError, match=f"{empty}: expected one weights"):
+        tracker.download_weights(empty, tmp_path / "none")

@@ -200,10 +200,22 @@ class FinetuneConfig(Section):
     epochs: PositiveInt = 10
     imgsz: PositiveInt = 64
     batch: Annotated[int, Field(gt=0, le=1024)] = 16
+    nbs: Annotated[int, Field(gt=0, le=4096)] = Field(
+        64, description="Ultralytics' nominal batch: gradients of nbs/batch batches make one optimizer step."
+    )
     device: str = Field("cpu", description='cpu, 0 (a GPU), or "0,1" for DDP over several GPUs.')
     lr0: Annotated[float, Field(gt=0, le=1)] = 0.001
+    warmup_epochs: Annotated[float, Field(ge=0)] = Field(
+        3.0,
+        description="Ultralytics' warm-up (its bias learning rate starts at 0.1); 0 keeps trained weights steady.",
+    )
     optimizer: str = "AdamW"
     patience: PositiveInt = 50
+    select: Literal["best", "last"] = Field(
+        "best",
+        description="The weights kept: best, ultralytics' best epoch on the dataset's val split; last, the final "
+        "epoch's (a fixed budget, for when that split does not look like the target, e.g. synthetic images).",
+    )
     seed: int = 0
     mosaic: Fraction = 0.0
     scale: Fraction = Field(0.5, description="Random zoom range (ultralytics' scale); 0.5 can halve a small object.")

@@ -124,7 +124,7 @@ def fingerprint(
     models = [generate.model if generate else None, ft.model, validate.model, cfg.labeller]
     settings = {
         "experiment": cfg.model_dump(mode="json", exclude=grid),
-        "finetune": ft.model_dump(mode="json"),
+        "finetune": ft.model_dump(mode="json", include=TRAINED_WITH),
         "validate": validate.model_dump(mode="json"),
         "models": {m: model_digest(m) for m in models if m},
     }
@@ -355,6 +355,11 @@ def _link(source: Path, dest: Path) -> None:
         os.link(source, dest)
     except OSError:  # another file system, or links not allowed
         shutil.copyfile(source, dest)
+
+
+# The finetune fields train_detector reads: only these count in a trial's fingerprint, so a pipeline-only
+# change (epochs, warm-up, the registered model's name) leaves stored trials standing.
+TRAINED_WITH = {"model", "imgsz", "batch", "device", "lr0", "optimizer", "mosaic", "scale", "workers"}
 
 
 def train_detector(start: str, data_yaml: Path, ft: FinetuneConfig, seed: int, out_dir: Path) -> Path:

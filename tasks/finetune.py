@@ -107,8 +107,10 @@ def finetune_detector(
         epochs=cfg.epochs,
         imgsz=cfg.imgsz,
         batch=cfg.batch,
+        nbs=cfg.nbs,
         device=cfg.device,
         lr0=cfg.lr0,
+        warmup_epochs=cfg.warmup_epochs,
         optimizer=cfg.optimizer,
         patience=cfg.patience,
         seed=cfg.seed,
@@ -124,8 +126,8 @@ def finetune_detector(
         exist_ok=True,
     )
     train_dir = out_dir / "train"
-    weights = train_dir / "weights" / "best.pt"
-    if not weights.is_file():
+    weights = train_dir / "weights" / f"{cfg.select}.pt"
+    if not weights.is_file():  # no best.pt when no epoch was validated
         weights = train_dir / "weights" / "last.pt"
     eval_data = cfg.eval_data or data_yaml
     metrics, per_class = evaluate_detector(weights, eval_data, cfg.eval_split, cfg, out_dir)

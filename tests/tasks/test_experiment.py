@@ -94,6 +94,9 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     assert fingerprint(ExperimentConfig(arms=["real"], seeds=[5], k=[3]), ft, gen, validate) == base
     assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"batch_size": 3}), validate) == base
     assert fingerprint(ExperimentConfig(lr0=0.01), ft, gen, validate) != base
+    pipeline_only = {"epochs": 3, "warmup_epochs": 0.0, "nbs": 16, "registered_model": "other"}
+    assert fingerprint(ExperimentConfig(), ft.model_copy(update=pipeline_only), gen, validate) == base
+    assert fingerprint(ExperimentConfig(), ft.model_copy(update={"scale": 0.1}), gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, GenerateConfig(model="other-generator"), validate) != base
     assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"guidance_scale": 9.0}), validate) != base
     unaffected = fingerprint(ExperimentConfig(), ft, None, validate)  # e.g. the real arm: no generator

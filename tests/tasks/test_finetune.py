@@ -34,3 +34,24 @@ def test_count_images_reads_paths_relative_to_the_yaml_even_when_the_yaml_path_i
     assert count_images(Path("set/data.yaml"), "test") == 0
     (tmp_path / "set" / "both.yaml").write_text("names: {0: a}\ntrain: images\nval: [images, ../val/images]\n")
     assert count_images(Path("set/both.yaml"), "val") == 5  # a list of folders, as ultralytics allows
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_finetune_keeps_the_selected_weights_and_passes_the_schedule_on(
+    tmp_path: Path, yolo_env: Path, select: str
+) -> None:
+    import yaml
+
+    from tasks.config import FinetuneConfig
+    from tasks.finetune import finetune_detector
+    from tasks.tiny_models import build_tiny_detector
+    from tasks.world import CLASSES, write_split
+
+    data = write_split(tmp_path / "set", 6, ["plain"], seed=0, val="images")
+    start = build_tiny_detector(tmp_path / "start.pt", list(CLASSES), seed=0)
+    cfg = FinetuneConfig(model=str(start), epochs=2, imgsz=32, batch=4, nbs=4, lr0=1e-4, warmup_epochs=0,
+                         select=select, plots=False)  # fmt: skip
+    result = finetune_detector(cfg, data / "data.yaml", tmp_path / "out")
+    assert result.weights == tmp_path / "out" / "train" / "weights" / f"{select}.pt"
+    args = yaml.safe_load((tmp_path / "out" / "train" / "args.yaml").read_text())
+    assert (args["nbs"], args["warmup_epochs"], args["lr0"]) == (4, 0, 1e-4)

@@ -283,6 +283,13 @@ class TrainGeneratorConfig(Section):
         "None draws every caption alike.",
     )
     min_snr_gamma: Annotated[float, Field(gt=0)] = 5.0
+    zero_terminal_snr: bool = Field(
+        False,
+        description="Rescale the noise schedule so its last step keeps no signal, predict v and sample with "
+        "trailing timesteps (Lin et al., 'Common diffusion noise schedules and sample steps are flawed'). "
+        "Otherwise the last step leaks each image's mean, the UNet learns to rely on it, and sampling from "
+        "pure noise pulls every image toward mid-grey: pale nights, thin fog.",
+    )
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.998
 
 

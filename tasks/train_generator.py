@@ -143,7 +143,16 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
         attention_head_dim=8,
         norm_num_groups=min(16, min(cfg.unet_channels)),
     )
-    noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    zero = cfg.zero_terminal_snr
+    noise = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=zero,
+        prediction_type="v_prediction" if zero else "epsilon",
+        timestep_spacing="trailing" if zero else "leading",
+    )
     return vae, tokenizer, text_encoder, unet, noise
 
 
@@ -233,8 +242,13 @@ def train_generator(
         t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),))
         pred = unet(noise.add_noise(z0, eps, t), t, text_encoder(ids)[0]).sample
         snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
-        loss = (weight * F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if noise.config.prediction_type == "v_prediction":
+            # v's loss weighs the image error by SNR + 1: clamp that at gamma (min-SNR), so the last,
+            # zero-SNR step keeps weight 1 and the overall brightness is learnt there, from the caption.
+            target, weight = noise.get_velocity(z0, eps, t), torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
+        else:
+            target, weight = eps, torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -56,6 +56,19 @@ def test_trains_saves_and_loads_like_any_pipeline(tmp_path: Path) -> None:
         assert image.size == (64, 64)
 
 
+def test_zero_terminal_snr_trains_v_prediction_and_samples_from_the_last_step(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    cfg = TINY.model_copy(update={"zero_terminal_snr": True})
+    result = train_generator(images, captions, cfg, tmp_path / "generator", progress=False)
+    assert np.isfinite(result.unet_loss)
+    gen = GenerateConfig(model=str(tmp_path / "generator"), num_inference_steps=4, batch_size=2)
+    scheduler = load_pipeline(gen).pipe.scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert float(scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-6)  # no signal left at the end
+    scheduler.set_timesteps(4)
+    assert int(scheduler.timesteps[0]) == 999  # sampling starts where the schedule keeps no signal
+
+
 def test_same_seed_same_weights(tmp_path: Path) -> None:
     images, captions = captioned(6)
     train_generator(images, captions, TINY, tmp_path / "a", progress=False)

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 # The shipped default models (models/generator, models/validator.pt) need nothing built. The tests and
 # `make smoke` use tiny random-weight models made from configs, and the demo evaluates on the world's
-# held-out test sets (rendered in about 20 s).
+# held-out test sets and mixes in common images (rendered in about 20 s).
 models: setup models/tiny/validator.pt
 models/tiny/validator.pt:
 	$(BIN)/synthdet tiny-models --out models/tiny
@@ -31,7 +31,11 @@ models/tiny/validator.pt:
 data/world/test/rare.yaml: tasks/world.py | setup
 	$(BIN)/synthdet world --only test
 
-demo: setup data/world/test/rare.yaml
+# The demo's dataset mixes in common images (dataset.real), so the fine-tune does not forget them.
+data/world/common_train/data.yaml: tasks/world.py | setup
+	$(BIN)/synthdet world --only common_train
+
+demo: setup data/world/test/rare.yaml data/world/common_train/data.yaml
 	$(BIN)/synthdet run --params params.yaml
 
 smoke: models
@@ -47,4 +51,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf workspace models/tiny data/world/test
+	rm -rf workspace models/tiny data/world/test data/world/common_train

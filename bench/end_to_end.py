@@ -1,9 +1,10 @@
 """The default demo end to end: wall time and peak memory of the whole process tree.
 
 Runs what ``make demo`` runs after set-up, in a temporary folder so ``workspace/`` and ``data/`` are not
-touched: ``synthdet world --only test --out TMP/world`` (the held-out test sets the demo evaluates on),
-then ``synthdet run --params TMP/params.yaml`` (``params.yaml`` with the workspace and
-``finetune.eval_data`` moved into TMP). Memory is the sum of the resident set sizes of the command and
+touched: ``synthdet world --only test --only common_train --out TMP/world`` (the held-out test sets the
+demo evaluates on, and the common images its dataset mixes in), then ``synthdet run --params
+TMP/params.yaml`` (``params.yaml`` with the workspace, ``finetune.eval_data`` and ``dataset.real``
+moved into TMP; ``common_train`` only if the params mix real images in). Memory is the sum of the resident set sizes of the command and
 all its child processes, sampled every 0.2 s; shared pages count once per process, so it overstates a
 little. Goals on a 2-core CPU: 10 minutes or less, 4 GB or less.
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 from bench.report import ROOT, LoadWatch, median, table, write_result
 from bench.workload import derive_params
@@ -45,16 +47,17 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(args.repeat):
         root = Path(tempfile.mkdtemp(prefix="synthdet-bench-e2e-"))
         try:
-            params = derive_params(
-                args.params,
-                root / "params.yaml",
-                {
-                    "workspace": str(root / "workspace"),
-                    "finetune.eval_data": str(root / "world" / "test" / "rare.yaml"),
-                },
-            )
+            changes = {
+                "workspace": str(root / "workspace"),
+                "finetune.eval_data": str(root / "world" / "test" / "rare.yaml"),
+            }
+            sets = ["--only", "test"]
+            if (yaml.safe_load(args.params.read_text()).get("dataset") or {}).get("real"):
+                changes["dataset.real"] = str(root / "world" / "common_train")
+                sets += ["--only", "common_train"]
+            params = derive_params(args.params, root / "params.yaml", changes)
             steps = {
-                "world": [synthdet, "world", "--only", "test", "--out", str(root / "world")],
+                "world": [synthdet, "world", *sets, "--out", str(root / "world")],
                 "run": [synthdet, "run", "--params", str(params)],
             }
             rep_figures = {name: measure(command) for name, command in steps.items()}

@@ -56,12 +56,18 @@ def label_agreement(generated, validator: str, reference: str, cache: Path) -> d
     from tasks.validation import detect, load_detector
 
     rules = ValidateConfig(model=validator, conf=0.25)
-    found = {}
-    for role, path in (("validator", validator), ("reference", reference)):
-        detector = load_detector(path)
-        settings = rules.model_copy(update={"model": path})
-        found[role] = detect(detector, [Path(p) for p in generated["path"]], settings, cache, progress=False)
-    names = load_detector(validator).names
+    detectors = {"validator": load_detector(validator), "reference": load_detector(reference)}
+    found = {
+        role: detect(
+            detector,
+            [Path(p) for p in generated["path"]],
+            rules.model_copy(update={"model": detector.path}),
+            cache,
+            progress=False,
+        )  # fmt: skip
+        for role, detector in detectors.items()
+    }
+    names = detectors["validator"].names
     accepted = {i.path for i in label_synthetic(generated, found["validator"], names, names, rules, 0.25, True)}
     agree = matched = ours = theirs = 0
     for (_, row), mine, ref in zip(generated.iterrows(), found["validator"], found["reference"], strict=True):

@@ -4,9 +4,9 @@ Runs what ``make demo`` runs after set-up, in a temporary folder so ``workspace/
 touched: ``synthdet world --only test --only common_train --out TMP/world`` (the held-out test sets the
 demo evaluates on, and the common images its dataset mixes in), then ``synthdet run --params
 TMP/params.yaml`` (``params.yaml`` with the workspace, ``finetune.eval_data`` and ``dataset.real``
-moved into TMP; ``common_train`` only if the params mix real images in). Memory is the sum of the resident set sizes of the command and
-all its child processes, sampled every 0.2 s; shared pages count once per process, so it overstates a
-little. Goals on a 2-core CPU: 10 minutes or less, 4 GB or less.
+moved into TMP; ``common_train`` only if the params mix real images in). Memory is the sum of the
+resident set sizes of the command and all its child processes, sampled every 0.2 s; shared pages count
+once per process, so it overstates a little. Goals on a 2-core CPU: 10 minutes or less, 4 GB or less.
 
     python -m bench.end_to_end                 # about 3 min here
     python -m bench.end_to_end --params params.smoke.yaml

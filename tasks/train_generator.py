@@ -156,6 +156,20 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
     return vae, tokenizer, text_encoder, unet, noise
 
 
+def target_and_weight(noise, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, gamma: float):
+    """What the UNet learns to predict at timesteps ``t`` (per sample) and each sample's loss weight.
+
+    epsilon: the noise, weighted min(SNR, gamma) / SNR (min-SNR-gamma). v: the velocity; v's loss weighs
+    the image error by SNR + 1, clamped here at gamma, so the last, zero-SNR step keeps weight 1 and the
+    overall brightness is learnt there, from the caption.
+    """
+    alphas = noise.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    if noise.config.prediction_type == "v_prediction":
+        return noise.get_velocity(z0, eps, t), torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    return eps, torch.clamp(snr, max=gamma) / snr
+
+
 def train_generator(
     images: np.ndarray,
     captions: list[str],
@@ -230,7 +244,6 @@ def train_generator(
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.unet_steps)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
-    alphas = noise.alphas_cumprod
     unet.train()
     text_encoder.train()
     unet_loss = float("nan")
@@ -241,13 +254,7 @@ def train_generator(
         eps = torch.randn_like(z0)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),))
         pred = unet(noise.add_noise(z0, eps, t), t, text_encoder(ids)[0]).sample
-        snr = alphas[t] / (1 - alphas[t])
-        if noise.config.prediction_type == "v_prediction":
-            # v's loss weighs the image error by SNR + 1: clamp that at gamma (min-SNR), so the last,
-            # zero-SNR step keeps weight 1 and the overall brightness is learnt there, from the caption.
-            target, weight = noise.get_velocity(z0, eps, t), torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
-        else:
-            target, weight = eps, torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon
+        target, weight = target_and_weight(noise, z0, eps, t, cfg.min_snr_gamma)
         loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

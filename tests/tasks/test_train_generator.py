@@ -69,6 +69,23 @@ def test_zero_terminal_snr_trains_v_prediction_and_samples_from_the_last_step(tm
     assert int(scheduler.timesteps[0]) == 999  # sampling starts where the schedule keeps no signal
 
 
+def test_the_unet_learns_v_at_zero_terminal_snr_and_epsilon_otherwise() -> None:
+    import torch
+
+    from tasks.train_generator import build_parts, target_and_weight
+
+    z0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 0])
+    zero = build_parts(TINY.model_copy(update={"zero_terminal_snr": True}), ["a"])[-1]
+    target, weight = target_and_weight(zero, z0, eps, t, gamma=5.0)
+    assert torch.allclose(target[0], -z0[0], atol=1e-5)  # no signal left: v is minus the image
+    assert weight[0] == pytest.approx(1.0) and 0 < weight[1] < 0.01  # the last step keeps its weight
+    plain = build_parts(TINY, ["a"])[-1]
+    target, weight = target_and_weight(plain, z0, eps, t, gamma=5.0)
+    assert torch.equal(target, eps)
+    assert weight[0] == pytest.approx(1.0) and 0 < weight[1] < 0.01  # min-SNR: easy steps count less
+
+
 def test_same_seed_same_weights(tmp_path: Path) -> None:
     images, captions = captioned(6)
     train_generator(images, captions, TINY, tmp_path / "a", progress=False)

@@ -118,7 +118,9 @@ def bench_generate(params: Path, root: Path, images: int, repeat: int) -> dict:
     from tasks.generation import load_pipeline
 
     run = stage_flow()
-    derived = derive_params(params, root / "generate.yaml", {"prompts.classes": class_counts(params, images)})
+    # start_means only adds given starting latents; the bare loop draws its own noise, so leave it out of both.
+    changes = {"prompts.classes": class_counts(params, images), "generate.start_means": None}
+    derived = derive_params(params, root / "generate.yaml", changes)
     cfg = load_params(derived).generate
     loaded = load_pipeline(cfg)
     bare_s, flow_s, inner_s, in_loop_s = [], [], [], []

@@ -102,7 +102,7 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         FileNotFoundError / ValueError: naming the field and the file, as the stage itself would.
     """
     from tasks.dataset import find_real_images
-    from tasks.generation import resolve_model_dir
+    from tasks.generation import resolve_model_dir, start_mean_sources
     from tasks.prompts import expand_prompts
     from tasks.validation import load_detector, worker_detector
 
@@ -110,6 +110,12 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         expand_prompts(params.prompts)  # quotas, control characters: milliseconds
     if "generate" in names:
         resolve_model_dir(params.generate.model)
+        start = params.generate.start_means
+        if start and start.axis not in params.prompts.axes:
+            raise ValueError(
+                f"generate.start_means.axis: {start.axis!r} is not an axis of prompts (axes: {sorted(params.prompts.axes)})"
+            )
+        start_mean_sources(params.generate)
     if "validate" in names:  # kept in this process's cache: the validate stage takes this copy
         worker_detector(params.validate_.model, params.validate_.device, "validate.model")
     if "dataset" in names and params.dataset.real is not None and params.dataset.real_ratio > 0:

@@ -116,6 +116,34 @@ RESERVED_COLUMNS = {"prompt_id", "class", "class_id", "prompt", "negative_prompt
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
+class StartMeans(Section):
+    """Real images whose mean latent starts the sampling of each prompt with the same attribute value.
+
+    A noise schedule that keeps some signal at its last step (Stable Diffusion's keeps
+    sqrt(alpha_bar) = 0.068) teaches the UNet to read an image's overall brightness and colour from
+    the starting noise, which has none, so every image drifts toward mid-grey: fog comes out too
+    dark, night too bright. Adding the mean latent of a few real images of the prompt's condition
+    at that signal level gives the UNet what it expects (docs/experiment.md).
+    """
+
+    axis: AxisName = Field(
+        "condition", description="The prompt column (an axis of prompts) whose value picks the images."
+    )
+    images: str | dict[str, str] = Field(
+        ...,
+        description="A folder with images and a captions.parquet (columns file and <axis>), "
+        "or {value: folder of images}. Values without images start from plain noise.",
+    )
+    max_images: PositiveInt | None = Field(None, description="Use at most the first N images of each value.")
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(value, dict) and not value:
+            raise ValueError("give a folder, or at least one value: folder")
+        return value
+
+
 class GenerateConfig(Section):
     """A diffusers text-to-image pipeline and how to sample from it."""
 
@@ -128,6 +156,7 @@ class GenerateConfig(Section):
     height: PositiveInt = 64
     width: PositiveInt = 64
     batch_size: Annotated[int, Field(gt=0, le=1024)] = 16
+    start_means: StartMeans | None = Field(None, description="Start sampling from real images' mean latent.")
     retries: Annotated[int, Field(ge=0, le=10)] = Field(
         2, description="Retries of a failing batch before the run fails."
     )

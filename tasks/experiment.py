@@ -131,6 +131,10 @@ def fingerprint(
     if generate is not None:
         settings["generate"] = generate.model_dump(mode="json", exclude={"device", "batch_size", "retries",
                                                                          "retry_backoff_s"})  # fmt: skip
+        if generate.start_means:  # the real images' bytes, not just their folder
+            from tasks.generation import start_mean_digests, start_mean_sources
+
+            settings["start_means"] = start_mean_digests(start_mean_sources(generate))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tasks.config import GenerateConfig
+from tasks.dataset import IMAGE_SUFFIXES
 from tasks.retry import with_retries
 from tasks.shards import MapShards, chunks, shard_device, torch_threads, worker_cache
 from tasks.workspace import atomic_path, write_text_atomic
@@ -112,8 +113,14 @@ def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
     return LoadedPipeline(cfg.model, hash_model_dir(model_dir), type(pipe.scheduler).__name__, pipe=pipe)
 
 
-def image_id(row: dict[str, Any], loaded: PipelineIdentity, cfg: GenerateConfig) -> str:
-    """The content address of one image: a hash of everything that determines its pixels."""
+def image_id(
+    row: dict[str, Any], loaded: PipelineIdentity, cfg: GenerateConfig, start_digests: dict[str, str] | None = None
+) -> str:
+    """The content address of one image: a hash of everything that determines its pixels.
+
+    ``start_digests`` (from :func:`start_mean_digests`) adds the hash of the real images whose mean
+    latent starts this row's sampling, if its attribute value has any.
+    """
     key = [
         row["prompt"],
         row["negative_prompt"],
@@ -126,7 +133,119 @@ def image_id(row: dict[str, Any], loaded: PipelineIdentity, cfg: GenerateConfig)
         cfg.width,
         cfg.dtype,
     ]
+    if start_digests and cfg.start_means and str(row[cfg.start_means.axis]) in start_digests:
+        key.append(start_digests[str(row[cfg.start_means.axis])])
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def start_mean_sources(cfg: GenerateConfig) -> dict[str, list[Path]]:
+    """The real images ``generate.start_means`` names, per attribute value, in file order.
+
+    Raises:
+        FileNotFoundError: a folder, its captions.parquet or a listed image is missing, or a folder
+            holds no images.
+        ValueError: captions.parquet lacks the ``file`` or the axis column.
+    """
+    spec = cfg.start_means
+    if spec is None:
+        return {}
+    field = "generate.start_means.images"
+    sources: dict[str, list[Path]] = {}
+    if isinstance(spec.images, dict):
+        for value, folder in spec.images.items():
+            path = Path(folder)
+            if not path.is_dir():
+                raise FileNotFoundError(f"{field}.{value}: {folder}: no such folder")
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise FileNotFoundError(f"{field}.{value}: {folder}: no images in it")
+            sources[value] = files
+    else:
+        folder = Path(spec.images)
+        table_path = folder / "captions.parquet"
+        if not table_path.is_file():
+            raise FileNotFoundError(
+                f"{field}: {table_path}: no such file (a folder needs a captions.parquet with the columns "
+                f"file and {spec.axis}; or give {{value: folder}})"
+            )
+        table = pd.read_parquet(table_path)
+        missing = {"file", spec.axis} - set(table.columns)
+        if missing:
+            raise ValueError(f"{field}: {table_path} has no column {sorted(missing)}")
+        for file, value in zip(table["file"], table[spec.axis], strict=True):
+            sources.setdefault(str(value), []).append(folder / file)
+        absent = next((f for files in sources.values() for f in files if not f.is_file()), None)
+        if absent is not None:
+            raise FileNotFoundError(f"{field}: {absent}: listed in {table_path} but missing")
+    if spec.max_images:
+        sources = {value: files[: spec.max_images] for value, files in sources.items()}
+    return sources
+
+
+def start_mean_digests(sources: dict[str, list[Path]]) -> dict[str, str]:
+    """sha256 (16 hex chars) of each value's image bytes, in order: part of the image ids."""
+    digests = {}
+    for value, files in sources.items():
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+        digests[value] = digest.hexdigest()[:16]
+    return digests
+
+
+def start_mean_latents(pipe: DiffusionPipeline, sources: dict[str, list[Path]], cfg: GenerateConfig) -> dict[str, Any]:
+    """The mean latent (one value per latent channel) of each value's images, as the UNet sees latents."""
+    import torch
+
+    vae = pipe.vae
+    means = {}
+    for value, files in sources.items():
+        total, count = 0, 0
+        for batch in chunks(files, 32):
+            pixels = np.stack(
+                [np.asarray(Image.open(f).convert("RGB").resize((cfg.width, cfg.height), Image.BICUBIC)) for f in batch]
+            )
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+            with torch.inference_mode():
+                z = vae.encode(x).latent_dist.mean
+            z = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+            total, count = total + z.float().sum((0, 2, 3)), count + z.shape[0] * z.shape[2] * z.shape[3]
+        means[value] = total / count
+    return means
+
+
+def start_latents(
+    pipe: DiffusionPipeline,
+    rows: list[dict[str, Any]],
+    generators: list[Any],
+    means: dict[str, Any],
+    cfg: GenerateConfig,
+) -> Any:
+    """Each row's starting latents: its seed's noise plus its value's mean latent at the signal level
+    the schedule keeps at the first sampling step (none for a zero-terminal-SNR schedule).
+
+    The noise is drawn exactly as the pipeline draws it, so a row whose value has no mean gets the
+    same image as without ``start_means``.
+    """
+    import torch
+
+    assert cfg.start_means is not None
+    scheduler = pipe.scheduler
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(
+            f"generate.start_means: {type(scheduler).__name__} has no alphas_cumprod (not a DDPM-family schedule)"
+        )
+    device = pipe.unet.device
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+    noise = torch.cat([torch.randn(shape, generator=g, device=g.device, dtype=pipe.unet.dtype) for g in generators])
+    scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+    # Scaled by the pipeline's init_noise_sigma, this is sqrt(alpha_bar) * mean + noise at the first
+    # step for DDPM-style schedules and mean + sigma * noise for Euler-style ones: the same state.
+    signal = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])].sqrt())
+    zero = torch.zeros(shape[1])
+    shift = torch.stack([means.get(str(row[cfg.start_means.axis]), zero) for row in rows])
+    return noise.to(device) + signal * shift.to(device, noise.dtype)[:, :, None, None]
 
 
 def file_sha256(path: Path) -> str:
@@ -206,8 +325,13 @@ def generate_images(
         seconds (per image, amortised over its batch), model, model_hash, scheduler and settings.
     """
     images_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.start_means and cfg.start_means.axis not in prompts.columns:
+        raise ValueError(
+            f"generate.start_means.axis: {cfg.start_means.axis!r} is not a prompt column (columns: {list(prompts.columns)})"
+        )
+    digests = start_mean_digests(start_mean_sources(cfg))
     rows = prompts.to_dict("records")
-    ids = [image_id(row, loaded, cfg) for row in rows]
+    ids = [image_id(row, loaded, cfg, digests) for row in rows]
     records: dict[str, dict[str, Any]] = {}
     todo: list[tuple[str, dict[str, Any]]] = []
     for image, row in zip(ids, rows, strict=True):
@@ -282,16 +406,25 @@ def render_shard(
             todo.append((image, row))
         else:
             records[image] = record
+    means = {}
+    if cfg.start_means and todo:
+        sources = start_mean_sources(cfg)
+        key = ("start_means", loaded.model_hash, device, cfg.height, cfg.width, json.dumps(start_mean_digests(sources)))
+        means = worker_cache(key, lambda: start_mean_latents(loaded.pipe, sources, cfg))
     batches = chunks(todo, cfg.batch_size)
     for number, batch in enumerate(batches, 1):
 
         def render(batch: list[tuple[str, dict[str, Any]]] = batch) -> Any:
             generators = [torch.Generator(device).manual_seed(int(row["seed"])) for _, row in batch]
+            latents = None
+            if cfg.start_means:
+                latents = start_latents(loaded.pipe, [row for _, row in batch], generators, means, cfg)
             with torch.inference_mode():
                 return loaded.pipe(
                     prompt=[row["prompt"] for _, row in batch],
                     negative_prompt=[row["negative_prompt"] for _, row in batch],
                     generator=generators,
+                    latents=latents,
                     num_inference_steps=cfg.num_inference_steps,
                     guidance_scale=cfg.guidance_scale,
                     height=cfg.height,

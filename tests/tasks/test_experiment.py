@@ -101,6 +101,13 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"guidance_scale": 9.0}), validate) != base
     unaffected = fingerprint(ExperimentConfig(), ft, None, validate)  # e.g. the real arm: no generator
     assert fingerprint(ExperimentConfig(), ft, None, validate) == unaffected != base
+    (tmp_path / "fog").mkdir()
+    (tmp_path / "fog" / "a.png").write_bytes(b"image 1")
+    started = GenerateConfig(model="gen", start_means={"images": {"fog": str(tmp_path / "fog")}})
+    with_means = fingerprint(ExperimentConfig(), ft, started, validate)
+    assert with_means != base
+    (tmp_path / "fog" / "a.png").write_bytes(b"image 2")  # same folder, other images: other starts
+    assert fingerprint(ExperimentConfig(), ft, started, validate) != with_means
     weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
     assert fingerprint(ExperimentConfig(), ft, gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, None, validate) != unaffected

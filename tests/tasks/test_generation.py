@@ -38,13 +38,17 @@ def cfg(tiny_models: dict[str, Path]) -> GenerateConfig:
 
 
 class CountingPipe:
-    """Wraps a pipeline to count the images it is asked for."""
+    """Wraps a pipeline to count the images it is asked for (and keep the last call's arguments)."""
 
     def __init__(self, pipe):
         self.pipe, self.images = pipe, 0
 
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)  # unet, vae, scheduler: what start_latents reads
+
     def __call__(self, **kwargs):
         self.images += len(kwargs["prompt"])
+        self.kwargs = kwargs
         return self.pipe(**kwargs)
 
 
@@ -170,3 +174,90 @@ def test_a_batch_that_keeps_failing_names_itself_and_finished_batches_are_reused
     loaded = replace(base, pipe=CountingPipe(base.pipe))
     table = generate_images(loaded, prompt_table(7), cfg, tmp_path, progress=False)
     assert (table["status"] == "ok").all() and loaded.pipe.images == 4  # only the 4 missing images are made
+
+
+def with_start(cfg: GenerateConfig, spec: dict) -> GenerateConfig:
+    return GenerateConfig.model_validate({**cfg.model_dump(), "start_means": spec})
+
+
+def image_folder(folder: Path, value: int, n: int = 2) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (40, 24), (value, value, (value + 60 * i) % 256)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_start_means_shift_only_the_rows_whose_value_has_real_images(cfg: GenerateConfig, tmp_path: Path) -> None:
+    import torch
+
+    from tasks.generation import start_latents, start_mean_latents, start_mean_sources
+
+    images = {"fog": str(image_folder(tmp_path / "fog", 230)), "night": str(image_folder(tmp_path / "night", 20))}
+    shifted_cfg = with_start(cfg, {"axis": "condition", "images": images})
+    prompts = prompt_table(3).assign(condition=["fog", "plain", "night"])
+    loaded = load_pipeline(cfg)
+    plain = generate_images(loaded, prompts, cfg, tmp_path / "plain", progress=False)
+    capturing = CountingPipe(loaded.pipe)
+    shifted = generate_images(
+        replace(loaded, pipe=capturing), prompts, shifted_cfg, tmp_path / "shifted", progress=False
+    )
+
+    # "plain" has no images: same id, same pixels (the noise is drawn as the pipeline draws it).
+    assert list(plain["image_id"] == shifted["image_id"]) == [False, True, False]
+    pixels = [np.asarray(Image.open(p), dtype=int) for p in (*plain["path"], *shifted["path"])]
+    assert np.abs(pixels[1] - pixels[4]).max() <= 2
+
+    # The start is the seed's noise plus the value's mean latent at the first step's signal level.
+    means = start_mean_latents(loaded.pipe, start_mean_sources(shifted_cfg), shifted_cfg)
+    assert means["fog"].shape == (loaded.pipe.unet.config.in_channels,)
+    assert not torch.allclose(means["fog"], means["night"])
+    rows = prompts.to_dict("records")
+    generators = [torch.Generator().manual_seed(int(r["seed"])) for r in rows]
+    start = start_latents(loaded.pipe, rows, generators, means, shifted_cfg)
+    torch.testing.assert_close(capturing.kwargs["latents"], start)  # what the pipeline started from
+    noise = torch.cat([torch.randn(1, *start.shape[1:], generator=torch.Generator().manual_seed(s)) for s in (0, 1, 2)])
+    scheduler = loaded.pipe.scheduler
+    scheduler.set_timesteps(cfg.num_inference_steps)
+    signal = scheduler.alphas_cumprod[int(scheduler.timesteps[0])].sqrt()
+    assert signal > 0
+    torch.testing.assert_close(start[0] - noise[0], (signal * means["fog"])[:, None, None].expand_as(start[0]))
+    torch.testing.assert_close(start[1], noise[1])
+    torch.testing.assert_close(start[2] - noise[2], (signal * means["night"])[:, None, None].expand_as(start[2]))
+
+    # New image bytes are a new start: the ids follow them.
+    Image.new("RGB", (40, 24), (0, 0, 0)).save(tmp_path / "fog" / "0.png")
+    again = generate_images(loaded, prompts, shifted_cfg, tmp_path / "shifted", progress=False)
+    assert list(again["image_id"] == shifted["image_id"]) == [False, True, True]
+
+
+def test_start_means_from_a_captioned_folder_and_bad_inputs(cfg: GenerateConfig, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from tasks.generation import start_mean_sources
+
+    folder = image_folder(tmp_path / "real" / "images", 100, n=3).parent
+    captions = pd.DataFrame({"file": [f"images/{i}.png" for i in range(3)], "condition": ["fog", "rain", "fog"]})
+    captions.to_parquet(folder / "captions.parquet")
+    spec = {"axis": "condition", "images": str(folder), "max_images": 1}
+    sources = start_mean_sources(with_start(cfg, spec))
+    assert sources == {"fog": [folder / "images/0.png"], "rain": [folder / "images/1.png"]}
+
+    def sources_for(**change) -> dict:
+        return start_mean_sources(with_start(cfg, {**spec, **change}))
+
+    with pytest.raises(
+        ValueError, match=r"generate.start_means.images: .*captions.parquet has no column \['weather'\]"
+    ):
+        sources_for(axis="weather")
+    with pytest.raises(FileNotFoundError, match=r"generate.start_means.images.fog: .*missing: no such folder"):
+        sources_for(images={"fog": str(tmp_path / "missing")})
+    with pytest.raises(FileNotFoundError, match=r"generate.start_means.images: .*captions.parquet: no such file"):
+        sources_for(images=str(tmp_path))
+    (folder / "images" / "2.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"images/2.png: listed in .* but missing"):
+        sources_for(max_images=None)
+    with pytest.raises(ValidationError, match="start_means.images"):
+        with_start(cfg, {**spec, "images": {}})
+    with pytest.raises(ValueError, match="generate.start_means.axis: 'condition' is not a prompt column"):
+        bad = with_start(cfg, {"axis": "condition", "images": {"fog": str(folder / "images")}})
+        generate_images(load_pipeline(cfg), prompt_table(1), bad, tmp_path / "out", progress=False)

@@ -35,7 +35,11 @@ data/world/test/rare.yaml: tasks/world.py | setup
 data/world/common_train/data.yaml: tasks/world.py | setup
 	$(BIN)/synthdet world --only common_train
 
-demo: setup data/world/test/rare.yaml data/world/common_train/data.yaml
+# Generation starts from the mean latent of two scarce real images per rare condition (generate.start_means).
+data/world/rare_scarce/captions.parquet: tasks/world.py | setup
+	$(BIN)/synthdet world --only rare_scarce
+
+demo: setup data/world/test/rare.yaml data/world/common_train/data.yaml data/world/rare_scarce/captions.parquet
 	$(BIN)/synthdet run --params params.yaml
 
 smoke: models
@@ -51,4 +55,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf workspace models/tiny data/world/test data/world/common_train
+	rm -rf workspace models/tiny data/world/test data/world/common_train data/world/rare_scarce

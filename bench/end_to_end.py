@@ -1,10 +1,12 @@
 """The default demo end to end: wall time and peak memory of the whole process tree.
 
 Runs what ``make demo`` runs after set-up, in a temporary folder so ``workspace/`` and ``data/`` are not
-touched: ``synthdet world --only test --only common_train --out TMP/world`` (the held-out test sets the
-demo evaluates on, and the common images its dataset mixes in), then ``synthdet run --params
-TMP/params.yaml`` (``params.yaml`` with the workspace, ``finetune.eval_data`` and ``dataset.real``
-moved into TMP; ``common_train`` only if the params mix real images in). Memory is the sum of the
+touched: ``synthdet world --only test --only common_train --only rare_scarce --out TMP/world`` (the
+held-out test sets the demo evaluates on, the common images its dataset mixes in and the scarce rare
+images whose mean latents start its generation), then ``synthdet run --params TMP/params.yaml``
+(``params.yaml`` with the workspace, ``finetune.eval_data``, ``dataset.real`` and
+``generate.start_means.images`` moved into TMP; ``common_train`` and ``rare_scarce`` only if the params
+use them). Memory is the sum of the
 resident set sizes of the command and all its child processes, sampled every 0.2 s; shared pages count
 once per process, so it overstates a little. Goals on a 2-core CPU: 10 minutes or less, 4 GB or less.
 
@@ -52,9 +54,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "finetune.eval_data": str(root / "world" / "test" / "rare.yaml"),
             }
             sets = ["--only", "test"]
-            if (yaml.safe_load(args.params.read_text()).get("dataset") or {}).get("real"):
+            raw = yaml.safe_load(args.params.read_text())
+            if (raw.get("dataset") or {}).get("real"):
                 changes["dataset.real"] = str(root / "world" / "common_train")
                 sets += ["--only", "common_train"]
+            start_means = (raw.get("generate") or {}).get("start_means")
+            if start_means and str(start_means.get("images", "")).endswith("rare_scarce"):
+                changes["generate.start_means.images"] = str(root / "world" / "rare_scarce")
+                sets += ["--only", "rare_scarce"]
             params = derive_params(args.params, root / "params.yaml", changes)
             steps = {
                 "world": [synthdet, "world", *sets, "--out", str(root / "world")],

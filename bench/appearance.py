@@ -94,18 +94,21 @@ def leak_test(generator: str, guidance: float, tests: Path, seed: int = 0) -> li
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from tasks.config import GenerateConfig
+    from tasks.generation import start_mean_latents
+
     pipe = StableDiffusionPipeline.from_pretrained(generator, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     vae = pipe.vae
     pipe.scheduler.set_timesteps(20)
     signal = pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps[0]].sqrt()
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cfg = GenerateConfig(model=generator, height=side, width=side)
     rows = []
     for condition in ("fog", "night"):
         paths = sorted((tests / condition / "images").glob("*.png"))[:64]
         pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-        with torch.no_grad():
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-            mean = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).mean((0, 2, 3))
+        mean = start_mean_latents(pipe, {condition: paths}, cfg)[condition]  # what generate.start_means adds
         prompts = [f"a {c} {k}, {condition}" for c in ("red", "blue", "white", "green")
                    for k in ("circle", "square", "triangle", "star")]  # fmt: skip
         size = pipe.unet.config.sample_size

@@ -95,7 +95,7 @@ def autoencoder_round_trip(vae_dir: Path, paths: Sequence[str], out_dir: Path, b
     import torch
     from diffusers import AutoencoderKL
 
-    from tasks.generation import hash_model_dir
+    from tasks.generation import hash_model_dir, pixels_to_tensor
 
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, local_files_only=True).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,9 +106,9 @@ def autoencoder_round_trip(vae_dir: Path, paths: Sequence[str], out_dir: Path, b
     todo = [i for i, out in enumerate(outs) if not out.is_file()]
     for start in tqdm(range(0, len(todo), batch), desc="autoencoder round trip", unit="batch"):
         chunk = todo[start : start + batch]
-        x = np.stack([np.asarray(Image.open(paths[i]).convert("RGB"), np.float32) / 127.5 - 1 for i in chunk])
+        x = pixels_to_tensor(np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in chunk]))
         with torch.inference_mode():
-            z = vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist.mean
+            z = vae.encode(x).latent_dist.mean
             y = vae.decode(z).sample.clamp(-1, 1)
         pixels = ((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
         for i, image in zip(chunk, pixels, strict=True):

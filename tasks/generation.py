@@ -30,6 +30,7 @@ from tasks.shards import MapShards, chunks, shard_device, torch_threads, worker_
 from tasks.workspace import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,13 @@ def start_mean_digests(sources: dict[str, list[Path]]) -> dict[str, str]:
     return digests
 
 
+def pixels_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images -> (B, 3, H, W) floats in [-1, 1], as diffusers' autoencoders take them."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def start_mean_latents(pipe: DiffusionPipeline, sources: dict[str, list[Path]], cfg: GenerateConfig) -> dict[str, Any]:
     """The mean latent (one value per latent channel) of each value's images, as the UNet sees latents."""
     import torch
@@ -205,7 +213,7 @@ def start_mean_latents(pipe: DiffusionPipeline, sources: dict[str, list[Path]], 
             pixels = np.stack(
                 [np.asarray(Image.open(f).convert("RGB").resize((cfg.width, cfg.height), Image.BICUBIC)) for f in batch]
             )
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+            x = pixels_to_tensor(pixels).to(vae.device, vae.dtype)
             with torch.inference_mode():
                 z = vae.encode(x).latent_dist.mean
             z = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor

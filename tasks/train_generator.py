@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasks.config import TrainGeneratorConfig
+from tasks.generation import pixels_to_tensor
 from tasks.tokenizer import build_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,6 @@ def load_captioned(folder: Path) -> tuple[np.ndarray, list[str]]:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{Path(folder) / file}: not a readable image ({exc})") from None
     return np.stack(images), [str(c) for c in table["caption"]]
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) floats in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _edges(x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +202,7 @@ def train_generator(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     vae_loss = float("nan")
     for step in tqdm(range(cfg.vae_steps), desc="train vae", disable=not progress):
-        x = _to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
+        x = pixels_to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
         loss = (
@@ -226,7 +222,7 @@ def train_generator(
     # Latents once: the posterior mean, scaled to unit variance as Stable Diffusion does.
     with torch.inference_mode():
         latents = torch.cat(
-            [vae.encode(_to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+            [vae.encode(pixels_to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
         )
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 REMOTE = "storage"
 NOTES_REF = "synthdet-pushed"
-# A copy of one version's .dvc file is pushed from here: DVC refuses targets inside .dvc/, and using
-# a copy (not the tracked file) lets us push any old version without touching the working tree. It lives
-# only during the push and is not git-ignored, because DVC also refuses git-ignored .dvc files.
-PUSH_DIR = ".synthdet-push"
 TAG_PATTERN = re.compile(r"^(?P<name>.+)-v(?P<number>[0-9]+)$")
 
 
@@ -159,8 +156,16 @@ def version_dataset(
         # The same bytes as the latest version (an unchanged re-run): no copy, no `dvc add` (seconds).
         logger.info("%s: identical to %s, nothing new to version", dataset_dir, versions[-1].tag)
         return _push_if_asked(registry, versions[-1], remote, push)
-    _replace_tree(dataset_dir, registry / "datasets" / name, registry / ".dvc" / "tmp" / "synthdet-staging")
-    _dvc(registry, "add", "-q", f"datasets/{name}")
+    # The marker says "the workspace may not match its .dvc file": set before the tree changes, cleared once
+    # the .dvc file describes it. Only a matching pair can be updated file by file.
+    marker = registry / ".dvc" / "tmp" / f"synthdet-adding-{name}"
+    consistent = not marker.exists() and (registry / "datasets" / f"{name}.dvc").is_file()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    files = _replace_tree(dataset_dir, registry / "datasets" / name, registry / ".dvc" / "tmp" / "synthdet-staging")
+    if not (consistent and _add_changed_files(registry, name, files)):
+        _dvc(registry, "add", "-q", f"datasets/{name}")
+    marker.unlink()
     md5 = _read_dvc_file((registry / "datasets" / f"{name}.dvc").read_text())[0]
 
     if versions and versions[-1].dvc_md5 == md5:
@@ -201,14 +206,14 @@ def _fingerprint(folder: Path) -> str:
     """md5 over the relative paths and bytes of every file under ``folder`` (symlinks followed, as the
     copy into the registry follows them)."""
     digest = hashlib.md5(usedforsecurity=False)
-    files = sorted(
-        (Path(root) / name).relative_to(folder).as_posix()
-        for root, _, names in os.walk(folder, followlinks=True)
-        for name in names
-    )
-    for relative in files:
+    top = os.fspath(folder)
+    files = []  # relative POSIX paths, built as strings: pathlib costs more than reading the bytes here
+    for root, _, names in os.walk(top, followlinks=True):
+        prefix = root[len(top) + 1 :].replace(os.sep, "/")
+        files += [f"{prefix}/{name}" if prefix else name for name in names]
+    for relative in sorted(files):
         digest.update(relative.encode() + b"\0")
-        with (folder / relative).open("rb") as handle:
+        with open(os.path.join(top, relative), "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         digest.update(b"\0")
@@ -302,40 +307,44 @@ def push_version(registry: Path, ref: str, name: str | None = None) -> DatasetVe
     """
     registry = Path(registry).absolute()
     version = resolve_version(registry, ref, name)
-    target = registry / PUSH_DIR / f"{version.name}.dvc"
-    target.parent.mkdir(exist_ok=True)
-    target.write_text(_git(registry, "show", f"{version.git_rev}:datasets/{version.name}.dvc").stdout)
-    try:
-        result = _dvc(registry, "push", str(target.relative_to(registry)))
-    finally:
-        target.unlink(missing_ok=True)
-    # DVC only warns (exit 0) when a file is neither in the cache nor on the remote.
-    if "Missing cache files" in result.stderr + result.stdout:
-        raise VersioningError(f"{version.tag}: the local cache of {registry} lacks files: {result.stderr[-500:]}")
+    _transfer_to_remote(registry, version)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     _git(registry, "notes", f"--ref={NOTES_REF}", "add", "-f", "-m", f"pushed to {REMOTE} {stamp}", version.git_rev)
     logger.info("pushed %s to remote %s", version.tag, REMOTE)
     return replace(version, pushed=True)
 
 
-def _replace_tree(source: Path, target: Path, staging: Path) -> None:
+def _replace_tree(source: Path, target: Path, staging: Path) -> dict[str, bool]:
     """Make ``target`` a copy of ``source``, swapping it in whole so a crash never leaves a mix.
 
     A file equal to the file at the same place in the current ``target`` is hard-linked from it instead
     of copied: it keeps its inode and mtime, so DVC's state finds its hash and ``dvc add`` hashes only
     the new and changed files. Equal means the same size and mtime (the copy kept the source's, as
     rsync and DVC's own state assume) or else the same bytes.
+
+    Returns:
+        Every file of the new tree (a relative POSIX path) and whether it was copied (new or changed)
+        rather than linked (unchanged).
     """
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of a call that died
+    files: dict[str, bool] = {}
+    new_prefix = os.path.join(staging, "new", "")
 
-    def copy_or_link(src: str, dst: str) -> None:
-        old = target / Path(dst).relative_to(staging / "new")
-        if old.is_file() and not old.is_symlink() and filecmp.cmp(src, old, shallow=True):
+    def copy_or_link(src: str, dst: str) -> None:  # called once per file: plain strings, few system calls
+        rel = dst[len(new_prefix) :]
+        old = os.path.join(target, rel)
+        try:
+            same = stat.S_ISREG(os.lstat(old).st_mode) and filecmp.cmp(src, old, shallow=True)
+        except OSError:  # no such file in the current tree
+            same = False
+        if same:
             try:
                 os.link(old, dst)
+                files[rel.replace(os.sep, "/")] = False
                 return
             except OSError:  # another file system, or no hard links there: copy
                 pass
+        files[rel.replace(os.sep, "/")] = True
         shutil.copy2(src, dst)
 
     shutil.copytree(source, staging / "new", copy_function=copy_or_link)
@@ -344,6 +353,122 @@ def _replace_tree(source: Path, target: Path, staging: Path) -> None:
         os.replace(target, staging / "old")
     os.replace(staging / "new", target)
     shutil.rmtree(staging)
+    return files
+
+
+def _add_changed_files(registry: Path, name: str, files: dict[str, bool]) -> bool:
+    """Update ``datasets/<name>.dvc`` for the new and changed files alone; what ``dvc add`` would write.
+
+    ``dvc add`` of a directory stats, looks up and relinks every file in it, and DVC's granular add
+    (``dvc add dir/file``) rebuilds the whole tree once per file: both cost in proportion to the whole
+    dataset. Here the previous version's tree (the ``.dir`` object in the cache) is edited instead: its
+    entries for unchanged files are kept, removed files are dropped, and only the copied files are hashed
+    and added to the cache. The resulting ``.dir`` object and ``.dvc`` file are byte for byte what ``dvc
+    add`` writes (``tests/tasks/test_versioning.py`` checks it against DVC's own).
+
+    Args:
+        registry: the registry; its ``datasets/<name>`` was just rebuilt by :func:`_replace_tree`, and its
+            ``.dvc`` file still describes the tree that was replaced.
+        files: :func:`_replace_tree`'s answer.
+
+    Returns:
+        False, touching nothing, when the previous tree is not in the local cache or does not hold every
+        unchanged file: the caller then runs ``dvc add``.
+    """
+    from dvc.repo import Repo
+    from dvc_data.hashfile.db import add_update_tree
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+    from dvc_objects.fs import LocalFileSystem
+
+    dvc_file = registry / "datasets" / f"{name}.dvc"
+    stage = yaml.safe_load(dvc_file.read_text())
+    out = stage["outs"][0]
+    if not str(out.get("md5", "")).endswith(".dir") or out.get("hash") != "md5":
+        return False
+    folder = registry / "datasets" / name
+    with Repo(str(registry)) as repo:
+        cache = repo.cache.local
+        try:
+            old = Tree.load(cache, HashInfo("md5", out["md5"]))
+        except (FileNotFoundError, ValueError):
+            return False
+        tree = Tree()
+        for key, meta, hash_info in old:
+            if files.get("/".join(key)) is False:  # linked, so unchanged
+                tree.add(key, meta, hash_info)
+        if len(tree) != sum(not copied for copied in files.values()):
+            return False  # an unchanged file the old tree lacks: the workspace did not match its .dvc file
+        changed = sorted(rel for rel, copied in files.items() if copied)
+        digests = [_md5_file(folder / rel) for rel in changed]
+        for rel, md5 in zip(changed, digests, strict=True):
+            tree.add(tuple(rel.split("/")), Meta(size=(folder / rel).stat().st_size), HashInfo("md5", md5))
+        new = dict(zip(digests, changed, strict=True))  # one copy per distinct content
+        cache.add([str(folder / rel) for rel in new.values()], LocalFileSystem(), list(new))
+        tree.digest()
+        add_update_tree(cache, tree)
+    out["md5"] = tree.hash_info.value
+    out["size"] = sum(os.stat(os.path.join(folder, rel)).st_size for rel in files)
+    out["nfiles"] = len(tree)
+    write_text_atomic(dvc_file, yaml.safe_dump(stage, sort_keys=False))
+    logger.info("%s: %d new or changed files added to the previous tree", dvc_file.name, len(changed))
+    return True
+
+
+def _transfer_to_remote(registry: Path, version: DatasetVersion) -> None:
+    """Send the version's objects that the remote lacks, in this process (a DVC process costs seconds).
+
+    It is ``dvc push`` without its index of every tracked file: the version's ``.dir`` object names the
+    files, DVC's remote index (in the site cache) remembers what earlier pushes sent, and only the rest
+    is checked on the remote and sent.
+
+    Raises:
+        VersioningError: the local cache lacks some of the version's files, or the transfer failed.
+    """
+    from dvc.repo import Repo
+    from dvc_data.hashfile.db import get_index
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    def refuse_missing(status) -> None:
+        if status.missing:
+            raise VersioningError(
+                f"{version.tag}: the local cache of {registry} lacks {len(status.missing)} of its files "
+                "(and the remote does not have them)"
+            )
+
+    with Repo(str(registry)) as repo:
+        cache = repo.cache.local
+        try:
+            tree = Tree.load(cache, HashInfo("md5", version.dvc_md5))
+        except (FileNotFoundError, ValueError) as exc:
+            raise VersioningError(f"{version.tag}: the local cache of {registry} lacks its file list") from exc
+        objects = {tree.hash_info, *(hash_info for _, _, hash_info in tree)}
+        try:
+            remote = repo.cloud.get_remote_odb(REMOTE, "push")
+            result = repo.cloud.transfer(
+                cache,
+                remote,
+                objects,
+                dest_index=get_index(remote),
+                cache_odb=cache,
+                validate_status=refuse_missing,
+            )
+        except VersioningError:
+            raise
+        except Exception as exc:  # any remote's error (unreachable, no permission, not a directory)
+            raise VersioningError(f"{version.tag}: push to remote {REMOTE} failed: {exc}") from exc
+    if result.failed:
+        raise VersioningError(f"{version.tag}: {len(result.failed)} objects failed to reach remote {REMOTE}")
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _project_remote_url(registry: Path) -> str:

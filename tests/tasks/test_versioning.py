@@ -102,14 +102,16 @@ def test_an_unchanged_rerun_skips_dvc_unless_the_latest_tag_moved(
     v1 = version_dataset(make_dataset(tmp_path / "ds"), "synthetic", registry, remote)
     real_dvc, calls = versioning._dvc, []
     monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
+    real_add, adds = versioning._add_changed_files, []
+    monkeypatch.setattr(versioning, "_add_changed_files", lambda *args: adds.append(args[1]) or real_add(*args))
 
     assert version_dataset(make_dataset(tmp_path / "copy"), "synthetic", registry, remote) == v1
-    assert calls == []  # the content fingerprint matched the latest version: DVC was not started
+    assert calls == [] and adds == []  # the content fingerprint matched the latest version: nothing was added
 
     git(registry, "commit", "-q", "--allow-empty", "-m", "someone else's commit")
     git(registry, "tag", "-f", "-a", "synthetic-v1", "-m", "moved")  # the tag no longer names that commit
     again = version_dataset(make_dataset(tmp_path / "copy"), "synthetic", registry, remote)
-    assert ("add", "-q", "datasets/synthetic") in calls and again.dvc_md5 == v1.dvc_md5
+    assert adds == ["synthetic"] and again.dvc_md5 == v1.dvc_md5  # added again (no file had changed)
 
 
 def test_changed_content_is_v2_and_v1_restores_byte_for_byte(tmp_path: Path, paths: tuple[Path, str]) -> None:
@@ -132,6 +134,55 @@ def test_changed_content_is_v2_and_v1_restores_byte_for_byte(tmp_path: Path, pat
     assert snapshot(checkout_version(registry, "synthetic-v1", tmp_path / "from_remote")) == first
     with pytest.raises(VersioningError, match="not an empty directory"):
         checkout_version(registry, "synthetic-v1", tmp_path / "from_remote")
+
+
+def test_a_new_version_hashes_only_changed_files_and_writes_what_dvc_add_writes(
+    tmp_path: Path, paths: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.versioning as versioning
+
+    registry, remote = paths
+    source = make_dataset(tmp_path / "ds")
+    version_dataset(source, "synthetic", registry, remote)
+    (source / "labels/train/a.txt").write_bytes(b"1 0.1 0.1 0.1 0.1\n")  # changed
+    (source / "images/val/b.png").unlink()  # removed
+    make_dataset(source, {"images/extra/c.png": PNG * 2, "images/extra/d.png": PNG * 2})  # new, same bytes
+    real_dvc, calls = versioning._dvc, []
+    monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
+    hashed = []
+    real_md5 = versioning._md5_file
+    monkeypatch.setattr(versioning, "_md5_file", lambda path: hashed.append(path.name) or real_md5(path))
+
+    v2 = version_dataset(source, "synthetic", registry, remote)
+
+    assert calls == [] and sorted(hashed) == ["a.txt", "c.png", "d.png"]
+    assert (v2.tag, v2.files, v2.pushed) == ("synthetic-v2", len(FILES) + 1, True)
+    ours = (registry / "datasets" / "synthetic.dvc").read_bytes()
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "datasets/synthetic"], cwd=registry, check=True)
+    assert (registry / "datasets" / "synthetic.dvc").read_bytes() == ours  # DVC's own add agrees, byte for byte
+    shutil.rmtree(registry / ".dvc" / "cache")  # only the remote has the data now
+    assert snapshot(checkout_version(registry, "synthetic-v2", tmp_path / "out")) == snapshot(source)
+
+
+def test_an_update_that_died_halfway_is_redone_by_dvc_add(
+    tmp_path: Path, paths: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.versioning as versioning
+
+    registry, remote = paths
+    source = make_dataset(tmp_path / "ds")
+    version_dataset(source, "synthetic", registry, remote)
+    (source / "images/train/a.png").write_bytes(PNG[::-1])
+    # A call that died after rebuilding the tree, before the .dvc file described it, leaves its marker.
+    (registry / ".dvc" / "tmp" / "synthdet-adding-synthetic").touch()
+    real_dvc, calls = versioning._dvc, []
+    monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
+
+    v2 = version_dataset(source, "synthetic", registry, remote)
+
+    assert ("add", "-q", "datasets/synthetic") in calls
+    assert not (registry / ".dvc" / "tmp" / "synthdet-adding-synthetic").exists()
+    assert snapshot(checkout_version(registry, v2.tag, tmp_path / "out")) == snapshot(source)
 
 
 def test_list_and_resolve_versions(tmp_path: Path, paths: tuple[Path, str]) -> None:

@@ -131,6 +131,8 @@ def fingerprint(
     if generate is not None:
         settings["generate"] = generate.model_dump(mode="json", exclude={"device", "batch_size", "retries",
                                                                          "retry_backoff_s"})  # fmt: skip
+        if generate.start_means and generate.start_means.strength == 1.0:  # trials run before the field existed
+            del settings["generate"]["start_means"]["strength"]
         if generate.start_means:  # the real images' bytes, not just their folder
             from tasks.generation import start_mean_digests, start_mean_sources
 

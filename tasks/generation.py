@@ -136,6 +136,8 @@ def image_id(
     ]
     if start_digests and cfg.start_means and str(row[cfg.start_means.axis]) in start_digests:
         key.append(start_digests[str(row[cfg.start_means.axis])])
+        if cfg.start_means.strength != 1.0:  # 1.0 leaves ids as they were before the field existed
+            key.append(cfg.start_means.strength)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -229,8 +231,9 @@ def start_latents(
     means: dict[str, Any],
     cfg: GenerateConfig,
 ) -> Any:
-    """Each row's starting latents: its seed's noise plus its value's mean latent at the signal level
-    the schedule keeps at the first sampling step (none for a zero-terminal-SNR schedule).
+    """Each row's starting latents: its seed's noise plus its value's mean latent (times
+    ``start_means.strength``) at the signal level the schedule keeps at the first sampling step (none
+    for a zero-terminal-SNR schedule).
 
     The noise is drawn exactly as the pipeline draws it, so a row whose value has no mean gets the
     same image as without ``start_means``.
@@ -253,6 +256,7 @@ def start_latents(
     signal = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])].sqrt())
     zero = torch.zeros(shape[1])
     shift = torch.stack([means.get(str(row[cfg.start_means.axis]), zero) for row in rows])
+    signal *= cfg.start_means.strength
     return noise.to(device) + signal * shift.to(device, noise.dtype)[:, :, None, None]
 
 

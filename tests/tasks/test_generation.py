@@ -212,8 +212,11 @@ def test_start_means_shift_only_the_rows_whose_value_has_real_images(cfg: Genera
     assert means["fog"].shape == (loaded.pipe.unet.config.in_channels,)
     assert not torch.allclose(means["fog"], means["night"])
     rows = prompts.to_dict("records")
-    generators = [torch.Generator().manual_seed(int(r["seed"])) for r in rows]
-    start = start_latents(loaded.pipe, rows, generators, means, shifted_cfg)
+
+    def generators_for(rows: list[dict]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(int(r["seed"])) for r in rows]
+
+    start = start_latents(loaded.pipe, rows, generators_for(rows), means, shifted_cfg)
     torch.testing.assert_close(capturing.kwargs["latents"], start)  # what the pipeline started from
     noise = torch.cat([torch.randn(1, *start.shape[1:], generator=torch.Generator().manual_seed(s)) for s in (0, 1, 2)])
     scheduler = loaded.pipe.scheduler
@@ -223,6 +226,14 @@ def test_start_means_shift_only_the_rows_whose_value_has_real_images(cfg: Genera
     torch.testing.assert_close(start[0] - noise[0], (signal * means["fog"])[:, None, None].expand_as(start[0]))
     torch.testing.assert_close(start[1], noise[1])
     torch.testing.assert_close(start[2] - noise[2], (signal * means["night"])[:, None, None].expand_as(start[2]))
+
+    # strength scales the mean; the ids follow it (1.0 keeps the ids above).
+    weaker_cfg = with_start(cfg, {"axis": "condition", "images": images, "strength": 0.5})
+    weaker = start_latents(loaded.pipe, rows, generators_for(rows), means, weaker_cfg)
+    torch.testing.assert_close(weaker[0] - noise[0], (0.5 * signal * means["fog"])[:, None, None].expand_as(start[0]))
+    torch.testing.assert_close(weaker[1], noise[1])
+    weaker_ids = generate_images(loaded, prompts, weaker_cfg, tmp_path / "weaker", progress=False)["image_id"]
+    assert list(weaker_ids == shifted["image_id"]) == [False, True, False]
 
     # New image bytes are a new start: the ids follow them.
     Image.new("RGB", (40, 24), (0, 0, 0)).save(tmp_path / "fog" / "0.png")

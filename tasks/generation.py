@@ -253,10 +253,9 @@ def start_latents(
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
     # Scaled by the pipeline's init_noise_sigma, this is sqrt(alpha_bar) * mean + noise at the first
     # step for DDPM-style schedules and mean + sigma * noise for Euler-style ones: the same state.
-    signal = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])].sqrt())
+    signal = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])].sqrt()) * cfg.start_means.strength
     zero = torch.zeros(shape[1])
     shift = torch.stack([means.get(str(row[cfg.start_means.axis]), zero) for row in rows])
-    signal *= cfg.start_means.strength
     return noise.to(device) + signal * shift.to(device, noise.dtype)[:, :, None, None]
 
 

@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -213,9 +214,7 @@ def _fingerprint(folder: Path) -> str:
         files += [f"{prefix}/{name}" if prefix else name for name in names]
     for relative in sorted(files):
         digest.update(relative.encode() + b"\0")
-        with open(os.path.join(top, relative), "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _feed(digest, os.path.join(top, relative))
         digest.update(b"\0")
     return digest.hexdigest()
 
@@ -465,10 +464,15 @@ def _transfer_to_remote(registry: Path, version: DatasetVersion) -> None:
 
 def _md5_file(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
+    _feed(digest, path)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, path: str | Path) -> None:
+    """Add a file's bytes to ``digest``, a megabyte at a time."""
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
 
 
 def _project_remote_url(registry: Path) -> str:

@@ -6,8 +6,10 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +63,20 @@ def commits(registry: Path) -> int:
     return int(git(registry, "rev-list", "--count", "HEAD"))
 
 
+def spy(monkeypatch: pytest.MonkeyPatch, name: str, record: Callable[[tuple], Any]) -> list[Any]:
+    """Wrap ``tasks.versioning.<name>`` so each call appends ``record(args)`` to the returned list."""
+    import tasks.versioning as versioning
+
+    real, calls = getattr(versioning, name), []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(record(args))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(versioning, name, wrapper)
+    return calls
+
+
 def test_first_version_is_a_tagged_pushed_commit(tmp_path: Path, paths: tuple[Path, str]) -> None:
     registry, remote = paths
     source = make_dataset(tmp_path / "ds")
@@ -96,14 +112,10 @@ def test_identical_content_returns_latest_without_new_commit(tmp_path: Path, pat
 def test_an_unchanged_rerun_skips_dvc_unless_the_latest_tag_moved(
     tmp_path: Path, paths: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.versioning as versioning
-
     registry, remote = paths
     v1 = version_dataset(make_dataset(tmp_path / "ds"), "synthetic", registry, remote)
-    real_dvc, calls = versioning._dvc, []
-    monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
-    real_add, adds = versioning._add_changed_files, []
-    monkeypatch.setattr(versioning, "_add_changed_files", lambda *args: adds.append(args[1]) or real_add(*args))
+    calls = spy(monkeypatch, "_dvc", lambda args: args[1:])
+    adds = spy(monkeypatch, "_add_changed_files", lambda args: args[1])
 
     assert version_dataset(make_dataset(tmp_path / "copy"), "synthetic", registry, remote) == v1
     assert calls == [] and adds == []  # the content fingerprint matched the latest version: nothing was added
@@ -139,19 +151,14 @@ def test_changed_content_is_v2_and_v1_restores_byte_for_byte(tmp_path: Path, pat
 def test_a_new_version_hashes_only_changed_files_and_writes_what_dvc_add_writes(
     tmp_path: Path, paths: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.versioning as versioning
-
     registry, remote = paths
     source = make_dataset(tmp_path / "ds")
     version_dataset(source, "synthetic", registry, remote)
     (source / "labels/train/a.txt").write_bytes(b"1 0.1 0.1 0.1 0.1\n")  # changed
     (source / "images/val/b.png").unlink()  # removed
     make_dataset(source, {"images/extra/c.png": PNG * 2, "images/extra/d.png": PNG * 2})  # new, same bytes
-    real_dvc, calls = versioning._dvc, []
-    monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
-    hashed = []
-    real_md5 = versioning._md5_file
-    monkeypatch.setattr(versioning, "_md5_file", lambda path: hashed.append(path.name) or real_md5(path))
+    calls = spy(monkeypatch, "_dvc", lambda args: args[1:])
+    hashed = spy(monkeypatch, "_md5_file", lambda args: args[0].name)
 
     v2 = version_dataset(source, "synthetic", registry, remote)
 
@@ -167,16 +174,13 @@ def test_a_new_version_hashes_only_changed_files_and_writes_what_dvc_add_writes(
 def test_an_update_that_died_halfway_is_redone_by_dvc_add(
     tmp_path: Path, paths: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.versioning as versioning
-
     registry, remote = paths
     source = make_dataset(tmp_path / "ds")
     version_dataset(source, "synthetic", registry, remote)
     (source / "images/train/a.png").write_bytes(PNG[::-1])
     # A call that died after rebuilding the tree, before the .dvc file described it, leaves its marker.
     (registry / ".dvc" / "tmp" / "synthdet-adding-synthetic").touch()
-    real_dvc, calls = versioning._dvc, []
-    monkeypatch.setattr(versioning, "_dvc", lambda *args, **kw: calls.append(args[1:]) or real_dvc(*args, **kw))
+    calls = spy(monkeypatch, "_dvc", lambda args: args[1:])
 
     v2 = version_dataset(source, "synthetic", registry, remote)
 

@@ -162,11 +162,12 @@ def _runner(via: str, flow: str, root: Path):
 
 
 def _counts(workspace: Path) -> tuple[int, int]:
+    from tasks.validation import count_cached
     from tasks.workspace import Workspace
 
     ws = Workspace(workspace)
     images = sum(1 for _ in ws.images.glob("*.png")) if ws.images.is_dir() else 0
-    detections = sum(1 for _ in ws.detections.glob("*.json")) if ws.detections.is_dir() else 0
+    detections = count_cached(ws.detections)
     return images, detections
 
 

@@ -1,5 +1,6 @@
 """validate on a tiny real YOLO26n (random weights: it scores every image alike, class 0 only)."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tasks.config import ValidateConfig
-from tasks.validation import load_detector, validate_images
+from tasks.validation import _batch_file, _settings_key, load_detector, read_cached, validate_images
 
 CLASSES = ["circle", "square"]
 
@@ -100,7 +101,11 @@ def test_a_failing_detector_batch_is_retried_then_named_and_finished_batches_sta
     failing = {2, 3}  # batch 2 fails on both of its attempts
     with pytest.raises(ShardFailed, match=r"validate batch 2/2 \(id2.png..id3.png\): failed 2 times.*injected"):
         validate_images(detector, generated, cfg, CLASSES, tmp_path / "labels", tmp_path / "cache", progress=False)
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # batch 1's detections were kept
+    key = _settings_key(detector, cfg)
+    paths = [Path(p) for p in generated["path"][:4]]
+    cached = read_cached(tmp_path / "cache", key, paths)
+    assert [c is not None for c in cached] == [True, True, False, False]  # batch 1's detections were kept
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [_batch_file(tmp_path / "cache", key, paths[:2]).name]
     calls.clear()
     failing = {1}  # now a single transient fault: the retry absorbs it
     table = validate_images(detector, generated, cfg, CLASSES, tmp_path / "labels", tmp_path / "cache", progress=False)
@@ -147,3 +152,40 @@ def test_worker_detector_is_loaded_once_per_file_version(
         assert len(loads) == 2
     finally:
         release_worker_cache()
+
+
+def test_a_shard_run_again_reads_its_finished_batches_and_old_per_image_files_still_count(
+    tiny_models: dict[str, Path], generated: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A shard retried after its worker died re-runs no finished batch; a workspace cached with one file
+    per image (before 2026-11-30) is still read, and count_cached counts both layouts."""
+    from tasks.validation import count_cached, detect, detect_shard
+
+    detector = load_detector(str(tiny_models["validator"]))
+    cfg = ValidateConfig(model="x", conf=0.005, imgsz=64, batch=2)
+    key, cache = _settings_key(detector, cfg), tmp_path / "cache"
+    paths = [Path(p) for p in generated["path"][:4]]
+    first = detect_shard(paths, cfg, cache, key, detector.path, detector.model_hash, detector=detector)
+    assert len(list(cache.iterdir())) == 2 and count_cached(cache) == 4
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished batch was detected again")
+
+    real_predict, detector.model.predict = detector.model.predict, refuse
+    assert detect_shard(paths, cfg, cache, key, detector.path, detector.model_hash, detector=detector) == first
+
+    # The old layout: image 0 and 1 as one file each; images 2 and 3 are detected afresh.
+    for file in cache.iterdir():
+        file.unlink()
+    for path, found in zip(paths[:2], first[:2], strict=True):
+        (cache / f"{path.stem}.{key}.json").write_text(json.dumps(found))
+    predicted: list[str] = []
+
+    def recording(images, **kwargs):
+        predicted.extend(images)
+        return real_predict(images, **kwargs)
+
+    detector.model.predict = recording
+    assert detect(detector, paths, cfg, cache, progress=False) == first
+    assert predicted == [str(p) for p in paths[2:]]
+    assert count_cached(cache) == 4

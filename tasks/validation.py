@@ -322,7 +322,7 @@ def validate_images(
     labels_dir.mkdir(parents=True, exist_ok=True)
     out = generated.copy()
     accepted, reasons, confidence, counts, dumps, label_paths = [], [], [], [], [], []
-    for index, row in generated.iterrows():
+    for index, row in zip(generated.index, generated.to_dict("records"), strict=True):  # not iterrows: half the time
         found = by_row.get(index, [])
         reason = (
             judge(found, row["class"], detector_to_dataset, class_names, cfg)

@@ -3,8 +3,9 @@
 Detections are cached per (image, detector weights, settings), so re-running with other acceptance
 rules costs no inference. The cache holds one file per detected batch (``batch-<digest>.<key>.json``,
 image id -> detections), written whole after the batch: creating a file costs 0.3-0.9 ms on this
-machine's disk, as much as detecting an image at 64 px, and a crash loses at most the batch under way. Accepted images get YOLO-format pseudo-labels from the
-detections, in the dataset's own class ids (the order of ``prompts.classes``).
+machine's disk, as much as detecting an image at 64 px, and a crash loses at most the batch under way.
+Accepted images get YOLO-format pseudo-labels from the detections, in the dataset's own class ids (the
+order of ``prompts.classes``).
 """
 
 from __future__ import annotations
@@ -132,10 +133,9 @@ def read_cached(cache_dir: Path, key: str, paths: list[Path]) -> list[list[dict[
     results = []
     for path in paths:
         single = cache_dir / f"{path.stem}.{key}.json"
-        if path.stem in found:
-            results.append(found[path.stem])
-        else:
-            results.append(json.loads(single.read_text()) if single.is_file() else None)
+        if path.stem not in found and single.is_file():
+            found[path.stem] = json.loads(single.read_text())
+        results.append(found.get(path.stem))
     return results
 
 

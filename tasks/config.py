@@ -196,6 +196,11 @@ class ValidateConfig(Section):
     max_objects: PositiveInt | None = Field(None, description="Reject images with more detections.")
     min_box_area: Fraction = Field(0.0, description="Smallest box of the intended class, as a share of the image.")
     reject_unexpected: bool = Field(False, description="Reject images where a class not prompted is detected.")
+    check_layout: bool = Field(
+        True,
+        description="Where prompts ask for a place or a size (prompt axes 'position' and 'size', in the words of "
+        "tasks/layout.py: 'top left', 'small'), reject an image unless an intended-class box is there and that size.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +428,20 @@ class Params(Section):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _layout_words(self) -> Params:
+        from tasks.layout import POSITIONS, SIZES
+
+        if self.validate_.check_layout:
+            for axis, known in (("position", POSITIONS), ("size", SIZES)):
+                unknown = sorted(set(self.prompts.axes.get(axis, {})) - set(known))
+                if unknown:
+                    raise ValueError(
+                        f"prompts.axes.{axis}: {unknown} are not layout words that validate.check_layout can check "
+                        f"({', '.join(known)}); use those, rename the axis, or set validate.check_layout: false"
+                    )
+        return self
 
     def section(self, stage: str) -> Section:
         """The config section of a stage, by its one name."""

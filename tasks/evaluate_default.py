@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from tasks.layout import POSITIONS, SIZES
 from tasks.workspace import atomic_path
 from tasks.world import COLOURS, COMMON_CONDITIONS, render_scene
 
@@ -35,22 +36,28 @@ def cell_seed(seed: int, cls: str, condition: str, i: int) -> int:
     return zlib.crc32(f"{seed}:{cls}:{condition}:{i}".encode())
 
 
-def prompt_table(classes: Sequence[str], conditions: Sequence[str], per_cell: int, seed: int = 0) -> pd.DataFrame:
-    """``per_cell`` prompts per (class, condition), colours in turn, in the prompt expander's words."""
+def prompt_table(
+    classes: Sequence[str], conditions: Sequence[str], per_cell: int, seed: int = 0, layout: bool = False
+) -> pd.DataFrame:
+    """``per_cell`` prompts per (class, condition), colours in turn, in the prompt expander's words.
+
+    With ``layout``, each prompt also asks for a size and a place ("a small red star at top left, fog"),
+    both in turn (places step by 4 of the 9, so sizes and places do not move in lockstep); the
+    ``size`` and ``position`` columns hold them ("" without ``layout``).
+    """
     colours = list(COLOURS)
-    rows = [
-        {
-            "class": cls,
-            "condition": condition,
-            "colour": colours[i % len(colours)],
-            "prompt": f"a {colours[i % len(colours)]} {cls}, {condition}",
-            "negative_prompt": "",
-            "seed": cell_seed(seed, cls, condition, i),
-        }
-        for cls in classes
-        for condition in conditions
-        for i in range(per_cell)
-    ]
+    rows = []
+    for cls in classes:
+        for condition in conditions:
+            for i in range(per_cell):
+                colour = colours[i % len(colours)]
+                size, position = (SIZES[i % len(SIZES)], POSITIONS[(4 * i) % len(POSITIONS)]) if layout else ("", "")
+                words = f"a {size} {colour} {cls} at {position}" if layout else f"a {colour} {cls}"
+                rows.append({
+                    "class": cls, "condition": condition, "colour": colour, "size": size, "position": position,
+                    "prompt": f"{words}, {condition}", "negative_prompt": "",
+                    "seed": cell_seed(seed, cls, condition, i),
+                })  # fmt: skip
     return pd.DataFrame(rows)
 
 

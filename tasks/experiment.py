@@ -211,7 +211,8 @@ def label_synthetic(
     Args:
         generated: the generate table's ok rows (class, path, and ``condition`` if prompted with one).
         detections: per row, ``[{"name", "conf", "box"}]`` from :func:`tasks.validation.detect`.
-        validate: the validate section's rules (class map, max objects, box area, unexpected classes).
+        validate: the validate section's rules (class map, max objects, box area, unexpected classes, the
+            size and place asked for).
         conf: detections below this are dropped before judging and labelling.
         filtered: True keeps only the images :func:`tasks.validation.judge` accepts; False keeps every
             image, with whatever boxes clear ``conf`` (possibly none: then it is a background image).
@@ -224,7 +225,8 @@ def label_synthetic(
     items = []
     for (_, row), found, condition in zip(generated.iterrows(), detections, conditions, strict=True):
         kept = [d for d in found if d["conf"] >= conf]
-        if filtered and judge(kept, row["class"], to_dataset, class_names, rules):
+        layout = (row.get("position") or "", row.get("size") or "")  # asked for where prompts had those axes
+        if filtered and judge(kept, row["class"], to_dataset, class_names, rules, *layout):
             continue
         items.append(Item(row["path"], tuple(label_lines(kept, to_dataset)), "synthetic", condition, row["class"]))
     return items

@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from tasks.config import ValidateConfig
+from tasks.layout import agrees, position_word, size_word
 from tasks.retry import with_retries
 from tasks.shards import MapShards, chunks, shard_device, worker_cache
 from tasks.workspace import write_text_atomic
@@ -252,8 +253,14 @@ def judge(
     detector_to_dataset: dict[str, int],
     class_names: list[str],
     cfg: ValidateConfig,
+    position: str = "",
+    size: str = "",
 ) -> str:
-    """The reason to reject an image, or "" to accept it. Detections are already above ``cfg.conf``."""
+    """The reason to reject an image, or "" to accept it. Detections are already above ``cfg.conf``.
+
+    ``position`` and ``size`` are the layout words the prompt asked for ("" for none), checked against
+    the intended-class boxes when ``cfg.check_layout`` is on.
+    """
 
     def shown(d: dict[str, Any]) -> str:
         return f"{d['name']} {d['conf']:.2f}"
@@ -266,6 +273,10 @@ def judge(
         return f"no {intended} at conf >= {cfg.conf} (saw {', '.join(shown(d) for d in detections[:3])})"
     if cfg.max_objects is not None and len(detections) > cfg.max_objects:
         return f"{len(detections)} objects > max_objects {cfg.max_objects}"
+    if cfg.check_layout and (position or size) and not any(agrees(d["box"], position, size) for d in hits):
+        best = hits[0]["box"]  # detections come sorted by confidence
+        asked = " ".join(w for w in (size, position and f"at {position}") if w)
+        return f"{intended} is {size_word(*best[2:])} at {position_word(*best[:2])}, asked for {asked}"
     area = max(d["box"][2] * d["box"][3] for d in hits)
     if area < cfg.min_box_area:
         return f"{intended} box covers {area:.4f} of the image < min_box_area {cfg.min_box_area}"
@@ -324,8 +335,9 @@ def validate_images(
     accepted, reasons, confidence, counts, dumps, label_paths = [], [], [], [], [], []
     for index, row in zip(generated.index, generated.to_dict("records"), strict=True):  # not iterrows: half the time
         found = by_row.get(index, [])
+        layout = (row.get("position") or "", row.get("size") or "")
         reason = (
-            judge(found, row["class"], detector_to_dataset, class_names, cfg)
+            judge(found, row["class"], detector_to_dataset, class_names, cfg, *layout)
             if ok[index]
             else (f"not generated: {row['reason']}")
         )

@@ -18,7 +18,10 @@ merge into one silhouette), so every object drawn is labelled and named in the c
 
 Captions use the prompt vocabulary (``"a {colour} {phrase}, {condition}"``): one object gives exactly
 that form, "a red circle, night"; several objects are joined with " and " from left to right, "a red
-circle and a blue star, night". Splitting on the last ", " gives the objects and the condition.
+circle and a blue star, night". Splitting on the last ", " gives the objects and the condition. Layout
+captions add each object's size and place in the words of ``tasks.layout`` (``"a {size} {colour}
+{phrase} at {position}, {condition}"``): "a small red circle at top left and a large blue star at right,
+night".
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import numpy as np
 import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
+
+from tasks.layout import position_word, size_word
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,8 @@ class Scene:
         image: SIZE x SIZE RGB.
         boxes: (n, 5) float array of ``class_id, cx, cy, w, h``, normalised to [0, 1], left to right.
         caption: the scene in prompt vocabulary, e.g. "a red circle and a blue star, night".
+        layout_caption: the same with sizes and places, e.g. "a small red circle at left and a large blue
+            star at top right, night".
         attributes: condition, background, distractors and one dict per object (class, colour, size_px,
             angle, visible share, box), in the order of ``boxes``.
         masks: (n, SIZE*SCALE, SIZE*SCALE) bool, each object's visible pixels at 4x, in the order of ``boxes``.
@@ -73,6 +80,7 @@ class Scene:
     image: Image.Image
     boxes: np.ndarray
     caption: str
+    layout_caption: str
     attributes: dict
     masks: np.ndarray
 
@@ -133,10 +141,17 @@ def render_scene(
     objects, masks = [objects[i] for i in order], np.stack([masks[i] for i in order])
     boxes = np.array([[CLASSES.index(o["class"]), *o["box"]] for o in objects], dtype=float).reshape(-1, 5)
     caption = " and ".join(f"a {o['colour']} {o['class']}" for o in objects) + f", {condition}"
+    layout_caption = (
+        " and ".join(
+            f"a {size_word(*o['box'][2:])} {o['colour']} {o['class']} at {position_word(*o['box'][:2])}"
+            for o in objects
+        )
+        + f", {condition}"
+    )
     attributes = {"condition": condition, "background": background, "objects": objects,
                   "distractors": [i.kind for i in items if i.kind in DISTRACTORS]}  # fmt: skip
     pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    return Scene(Image.fromarray(pixels, "RGB"), boxes, caption, attributes, masks)
+    return Scene(Image.fromarray(pixels, "RGB"), boxes, caption, layout_caption, attributes, masks)
 
 
 # --- layout ---------------------------------------------------------------------------------------------
@@ -408,7 +423,7 @@ def write_split(
 
     Writes:
         ``images/<i:06d>.png``, ``labels/<i:06d>.txt`` (``class cx cy w h`` per line),
-        ``captions.parquet`` (file, caption, condition, background, n_objects, n_distractors, classes,
+        ``captions.parquet`` (file, caption, layout_caption, condition, background, n_objects, n_distractors, classes,
         colours, seed, objects as JSON) and ``data.yaml`` (names; train ``images``, val ``val``,
         relative to the file).
 
@@ -433,13 +448,14 @@ def write_split(
         (partial / "labels" / f"{name}.txt").write_text("\n".join(lines) + "\n")
         attrs = scene.attributes
         rows.append({
-            "file": f"images/{name}.png", "caption": scene.caption, "condition": attrs["condition"],
+            "file": f"images/{name}.png", "caption": scene.caption, "layout_caption": scene.layout_caption,
+            "condition": attrs["condition"],
             "background": attrs["background"], "n_objects": len(attrs["objects"]),
             "n_distractors": len(attrs["distractors"]), "classes": " ".join(o["class"] for o in attrs["objects"]),
             "colours": " ".join(o["colour"] for o in attrs["objects"]), "seed": seed_i,
             "objects": json.dumps(attrs["objects"]),
         })  # fmt: skip
-    frame = pd.DataFrame(rows, columns=["file", "caption", "condition", "background", "n_objects", "n_distractors",
+    frame = pd.DataFrame(rows, columns=["file", "caption", "layout_caption", "condition", "background", "n_objects", "n_distractors",
                                         "classes", "colours", "seed", "objects"])  # fmt: skip
     frame.to_parquet(partial / "captions.parquet", index=False)
     data = {"names": dict(enumerate(CLASSES)), "train": "images", "val": val}

@@ -20,6 +20,17 @@ def test_prompts_cover_every_cell_in_the_prompt_expanders_words() -> None:
     assert table.equals(ev.prompt_table(["circle", "star"], ["plain", "fog"], per_cell=6))
 
 
+def test_layout_prompts_ask_for_every_place_and_size_in_turn() -> None:
+    from tasks.layout import POSITIONS, SIZES
+
+    table = ev.prompt_table(["circle"], ["fog"], per_cell=9, layout=True)
+    assert table["prompt"].iloc[1] == "a medium green circle at center, fog"
+    assert sorted(table["position"]) == sorted(POSITIONS)  # nine prompts, nine places
+    assert table["size"].value_counts().to_dict() == dict.fromkeys(SIZES, 3)
+    plain = ev.prompt_table(["circle"], ["fog"], per_cell=9)
+    assert (plain["position"] == "").all() and plain["seed"].equals(table["seed"])  # same seeds either way
+
+
 def test_real_scenes_show_one_object_of_their_cells_class(tmp_path: Path) -> None:
     table = ev.render_real(["circle", "star"], ["plain", "night"], per_cell=3, out_dir=tmp_path)
     assert table.groupby(["class", "condition"]).size().eq(3).all()

@@ -1,5 +1,7 @@
 """The acceptance rules of the validate stage, on hand-made detections (no model needed)."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -51,6 +53,31 @@ def test_rejections_carry_a_reason(detections: list, settings: dict, reason: str
 
 def test_unexpected_classes_are_tolerated_unless_asked() -> None:
     assert judge([det("circle", 0.9), det("dog", 0.6)], "circle", MAPPING, CLASSES, cfg()) == ""
+
+
+def test_layout_words_asked_for_are_checked_against_the_intended_boxes() -> None:
+    top_left_small = det("circle", 0.6, (0.2, 0.2, 0.3, 0.3))
+    bottom_large = det("circle", 0.9, (0.5, 0.8, 0.45, 0.45))
+    square_top_left = det("square", 0.9, (0.2, 0.2, 0.3, 0.3))
+    assert judge([top_left_small], "circle", MAPPING, CLASSES, cfg(), "top left", "small") == ""
+    assert judge([bottom_large, top_left_small], "circle", MAPPING, CLASSES, cfg(), "top left", "") == ""
+    reason = judge([bottom_large, square_top_left], "circle", MAPPING, CLASSES, cfg(), "top left", "small")
+    assert reason == "circle is large at bottom, asked for small at top left"  # the square does not count
+    assert judge([bottom_large], "circle", MAPPING, CLASSES, cfg(), "", "small") == (
+        "circle is large at bottom, asked for small"
+    )
+    assert judge([bottom_large], "circle", MAPPING, CLASSES, cfg(check_layout=False), "top left", "small") == ""
+
+
+def test_layout_axes_must_use_the_words_the_check_knows() -> None:
+    from tasks.config import ConfigError, load_params
+
+    root = Path(__file__).parents[2]
+    assert load_params(root / "params.yaml", {"prompts.axes.position": {"top left": 1, "center": 2}})
+    with pytest.raises(ConfigError, match=r"prompts.axes.position: \['upper left'\] are not layout words"):
+        load_params(root / "params.yaml", {"prompts.axes.position": {"upper left": 1}})
+    off = {"prompts.axes.size": {"huge": 1}, "validate.check_layout": False}
+    assert load_params(root / "params.yaml", off).prompts.axes["size"] == {"huge": 1}
 
 
 def test_labels_use_dataset_ids_and_drop_other_classes() -> None:

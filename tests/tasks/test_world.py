@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,25 @@ def test_captions_name_the_labelled_objects_left_to_right(scenes: list[world.Sce
             assert (article, colour, name) == ("a", obj["colour"], CLASSES[int(box[0])])
             assert colour in COLOURS
         assert list(s.boxes[:, 1]) == sorted(s.boxes[:, 1])
+
+
+def test_layout_captions_add_each_objects_size_and_place(scenes: list[world.Scene]) -> None:
+    from tasks.layout import agrees
+
+    places = set()
+    for s in scenes:
+        objects, condition = s.layout_caption.rsplit(", ", 1)
+        assert condition == s.attributes["condition"]
+        phrases = objects.split(" and ")
+        assert len(phrases) == len(s.boxes)
+        for phrase, box, obj in zip(phrases, s.boxes, s.attributes["objects"], strict=True):
+            size, colour, name, position = re.fullmatch(r"a (\w+) (\w+) (\w+) at ([\w ]+)", phrase).groups()
+            assert (colour, name) == (obj["colour"], CLASSES[int(box[0])])
+            assert agrees(tuple(box[1:]), position, size), (phrase, box)
+            places.add(position)
+        plain = re.sub(r"a \w+ (\w+ \w+) at [\w ]+?(?= and |$)", r"a \1", objects)
+        assert f"{plain}, {condition}" == s.caption
+    assert len(places) >= 6  # objects land all over the grid
 
 
 def test_one_object_caption_is_exactly_the_prompt_template() -> None:

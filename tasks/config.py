@@ -158,6 +158,11 @@ class GenerateConfig(Section):
     scheduler: str | None = Field(None, description="A diffusers scheduler class name, e.g. DDIMScheduler.")
     num_inference_steps: PositiveInt = 30
     guidance_scale: float = Field(4.0, ge=0)
+    guidance_until: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0,
+        description="Share of the sampling steps guided at guidance_scale; the rest run unguided, on half the "
+        "UNet work (python -m bench.guidance --until).",
+    )
     height: PositiveInt = 64
     width: PositiveInt = 64
     batch_size: Annotated[int, Field(gt=0, le=1024)] = 16

@@ -138,6 +138,8 @@ def image_id(
         key.append(start_digests[str(row[cfg.start_means.axis])])
         if cfg.start_means.strength != 1.0:  # 1.0 leaves ids as they were before the field existed
             key.append(cfg.start_means.strength)
+    if cfg.guidance_until != 1.0:  # likewise
+        key.append(["guidance_until", cfg.guidance_until])
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -375,9 +377,31 @@ def generate_images(
     table["model"] = loaded.model
     table["model_hash"] = loaded.model_hash
     table["scheduler"] = loaded.scheduler
-    for knob in ("num_inference_steps", "guidance_scale", "height", "width", "dtype"):
+    for knob in ("num_inference_steps", "guidance_scale", "guidance_until", "height", "width", "dtype"):
         table[knob] = getattr(cfg, knob)
     return table
+
+
+def guidance_cutoff(steps: int, until: float) -> Callable[..., dict[str, Any]] | None:
+    """A ``callback_on_step_end`` that stops classifier-free guidance after the first ``until`` of
+    ``steps``, so the rest run the conditional half of the batch only: half the UNet work. None when
+    every step is guided.
+
+    Guidance lays out the prompted object early in sampling; Kynkaenniemi et al. (2024) found it does
+    little at the low-noise end. On the default generator, guiding the first 30% of 20 steps found the
+    prompted class in 0.41 of the images against 0.42, 1.5x faster (docs/benchmarks.md).
+    """
+    guided = max(1, round(until * steps))  # steps at full scale
+    if guided >= steps:
+        return None
+
+    def callback(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if i + 1 != guided or pipe._guidance_scale <= 1:
+            return {}
+        pipe._guidance_scale = 1.0  # diffusers reads it each step: no guidance from here
+        return {"prompt_embeds": tensors["prompt_embeds"].chunk(2)[1]}  # drop the unconditional half
+
+    return callback
 
 
 def render_shard(
@@ -430,6 +454,8 @@ def render_shard(
             latents = None
             if cfg.start_means:
                 latents = start_latents(loaded.pipe, [row for _, row in batch], generators, means, cfg)
+            cutoff = guidance_cutoff(cfg.num_inference_steps, cfg.guidance_until)
+            extra = {"callback_on_step_end": cutoff, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
             with torch.inference_mode():
                 return loaded.pipe(
                     prompt=[row["prompt"] for _, row in batch],
@@ -441,6 +467,7 @@ def render_shard(
                     height=cfg.height,
                     width=cfg.width,
                     output_type="np",
+                    **(extra if cutoff else {}),  # only when asked: not every pipeline family takes them
                 )
 
         began = time.perf_counter()

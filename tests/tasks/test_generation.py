@@ -107,6 +107,26 @@ def test_image_id_depends_on_what_determines_the_pixels(cfg: GenerateConfig) -> 
     assert image_id(row, loaded, cfg.model_copy(update={"batch_size": 1})) == base  # batching is not content
 
 
+def test_guidance_until_guides_the_first_steps_on_twice_the_batch(cfg: GenerateConfig, tmp_path: Path) -> None:
+    loaded = load_pipeline(cfg)
+    batches: list[int] = []
+    hook = loaded.pipe.unet.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+    guided = cfg.model_copy(update={"num_inference_steps": 4, "guidance_scale": 5.0})
+    try:
+        full = generate_images(loaded, prompt_table(2), guided, tmp_path / "full", progress=False)
+        assert batches == [4] * 4  # unconditional + conditional, every step
+        batches.clear()
+        half_cfg = guided.model_copy(update={"guidance_until": 0.5})
+        half = generate_images(loaded, prompt_table(2), half_cfg, tmp_path / "half", progress=False)
+        assert batches == [4, 4, 2, 2]  # guided for two steps, then the conditional half only
+    finally:
+        hook.remove()
+    assert not set(full["image_id"]) & set(half["image_id"])  # other pixels, other ids
+    assert (half["guidance_until"] == 0.5).all()
+    a, b = (np.asarray(Image.open(t["path"].iloc[0]), dtype=int) for t in (full, half))
+    assert np.abs(a - b).max() > 0
+
+
 def test_degenerate_outputs_are_rejected_with_a_reason(cfg: GenerateConfig, tmp_path: Path) -> None:
     assert "NaN" in degenerate_reason(np.full((4, 4, 3), np.nan))
     assert "constant image" in degenerate_reason(np.full((4, 4, 3), 0.5))

@@ -472,7 +472,7 @@ def train_generator(ctx: StageContext, data: Path, out: Path) -> dict[str, Any]:
     from tasks.train_generator import load_captioned
     from tasks.train_generator import train_generator as train
 
-    images, captions = load_captioned(data)
+    images, captions, layout_captions = load_captioned(data)
     with ctx.stage_run("train-generator") as run_id:
         ctx.tracker.set_tags(run_id, {"data": str(data), "images": len(images)})
 
@@ -480,7 +480,7 @@ def train_generator(ctx: StageContext, data: Path, out: Path) -> dict[str, Any]:
             ctx.tracker.log_metrics(run_id, {f"{phase}_loss": loss}, step=step)
 
         began = time.perf_counter()
-        result = train(images, captions, ctx.params.train_generator, out, ctx.progress, on_step)
+        result = train(images, captions, ctx.params.train_generator, out, ctx.progress, on_step, layout_captions)
         seconds = time.perf_counter() - began  # both phases, the latents and saving
         figures = {
             "vae_seconds": result.vae_seconds,

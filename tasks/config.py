@@ -309,6 +309,16 @@ class TrainGeneratorConfig(Section):
     vae_steps: Annotated[int, Field(ge=0)] = 1500
     vae_batch: PositiveInt = 32
     vae_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    vae_from: Path | None = Field(
+        None,
+        description="An AutoencoderKL folder (e.g. models/generator/vae) to reuse instead of training one, so UNet "
+        "variants can be compared on one autoencoder (runs of the same settings make different ones).",
+    )
+    vae_lr_decay: bool = Field(
+        False,
+        description="Warm the autoencoder's learning rate up over warmup_steps and decay it to 0 on a cosine, "
+        "as the UNet's; off, it stays at vae_lr to the end and the weights stop wherever the last steps left them.",
+    )
     kl_weight: Annotated[float, Field(ge=0)] = 1e-7
     edge_weight: Annotated[float, Field(ge=0)] = 1.0
     max_tokens: Annotated[int, Field(ge=4, le=77)] = 20
@@ -325,6 +335,11 @@ class TrainGeneratorConfig(Section):
         None,
         description="Share of each UNet batch drawn from one-object captions (prompts ask for one object); "
         "None draws every caption alike.",
+    )
+    layout_caption_share: Fraction = Field(
+        0.0,
+        description="Share of the UNet's samples shown the layout caption (sizes and places: 'a small red "
+        "circle at top left, fog') instead of the plain one, so prompts can ask where and how large.",
     )
     min_snr_gamma: Annotated[float, Field(gt=0)] = 5.0
     zero_terminal_snr: bool = Field(

@@ -12,7 +12,11 @@ web-scale image-text corpus), saved as a standard diffusers ``StableDiffusionPip
    optionally, batches weighted toward one-object captions (what the prompts ask for).
 
 The recipe follows the trial in ``shared/research/tiny-ldm-feasibility.md``. Steps, not wall time,
-bound each phase, so a seed reproduces the weights.
+bound each phase, so a seed reproduces the weights on one machine (another CPU's kernels round
+differently). The autoencoder draws its sampling noise from a generator of its own, so settings on the
+UNet's side (its size, the vocabulary) leave it unchanged. Before 2026-11-30 they changed it, and
+autoencoders of the same settings kept 0.62 to 0.80 of objects through their round trip
+(docs/generator.md). ``vae_from`` reuses an autoencoder outright.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ class GeneratorResult:
     size_bytes: int
 
 
-def load_captioned(folder: Path) -> tuple[np.ndarray, list[str]]:
-    """Images and captions of a captioned folder (``captions.parquet`` with ``file`` and ``caption``).
+def load_captioned(folder: Path) -> tuple[np.ndarray, list[str], list[str] | None]:
+    """Images, captions and layout captions of a captioned folder (``captions.parquet``).
+
+    The table holds ``file`` and ``caption``, and ``layout_caption`` where the world wrote one (None
+    otherwise: folders from before layout captions).
 
     Raises:
         FileNotFoundError / ValueError: naming the folder or the first unusable image.
@@ -67,7 +74,8 @@ def load_captioned(folder: Path) -> tuple[np.ndarray, list[str]]:
                 images.append(np.asarray(image.convert("RGB")))
         except (OSError, ValueError) as exc:
             raise ValueError(f"{Path(folder) / file}: not a readable image ({exc})") from None
-    return np.stack(images), [str(c) for c in table["caption"]]
+    layout = [str(c) for c in table["layout_caption"]] if "layout_caption" in table else None
+    return np.stack(images), [str(c) for c in table["caption"]], layout
 
 
 def _edges(x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +160,42 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
     return vae, tokenizer, text_encoder, unet, noise
 
 
+def load_autoencoder(cfg: TrainGeneratorConfig):
+    """The ``AutoencoderKL`` at ``cfg.vae_from``, in float32, checked against the UNet's settings.
+
+    Raises:
+        FileNotFoundError / ValueError: naming ``train-generator.vae_from``.
+    """
+    from diffusers import AutoencoderKL
+
+    folder = Path(cfg.vae_from)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"train-generator.vae_from: {folder}: no autoencoder here (no config.json)")
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    got = (vae.config.latent_channels, len(vae.config.block_out_channels), vae.config.sample_size)
+    want = (cfg.latent_channels, len(cfg.vae_channels), cfg.image_size)
+    if got != want:
+        raise ValueError(
+            f"train-generator.vae_from: {folder} has {got[0]} latent channels, {got[1]} levels and "
+            f"{got[2]} px images; this config wants {want[0]}, {want[1]} and {want[2]}"
+        )
+    return vae
+
+
+def _tokens(tokenizer, captions: list[str], max_tokens: int) -> torch.Tensor:
+    """Token ids, padded to ``max_tokens``; a longer caption is an error, not silently cut."""
+    lengths = [len(ids) for ids in tokenizer(captions).input_ids]
+    if max(lengths) > max_tokens:
+        longest = captions[int(np.argmax(lengths))]
+        raise ValueError(
+            f"train-generator.max_tokens: {max_tokens} tokens cannot hold the caption {longest!r} "
+            f"({max(lengths)} with start and end); raise it"
+        )
+    return tokenizer(
+        captions, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def target_and_weight(noise, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, gamma: float):
     """What the UNet learns to predict at timesteps ``t`` (per sample) and each sample's loss weight.
 
@@ -173,6 +217,7 @@ def train_generator(
     out_dir: Path,
     progress: bool = True,
     on_step: Callable[[str, int, float], None] | None = None,
+    layout_captions: list[str] | None = None,
 ) -> GeneratorResult:
     """Train all three parts and save the pipeline.
 
@@ -182,6 +227,12 @@ def train_generator(
         cfg: the train_generator section.
         out_dir: replaced by a ``StableDiffusionPipeline`` folder (fp16 safetensors).
         on_step: called with (phase, step, loss) every 50 steps, e.g. to log to MLflow.
+        layout_captions: the same N scenes with sizes and places ("a small red circle at top left, fog"),
+            shown instead of ``captions`` to a ``cfg.layout_caption_share`` of the UNet's samples.
+
+    Raises:
+        ValueError: mismatched inputs, layout captions asked for but missing, or a caption longer than
+            ``cfg.max_tokens`` tokens (it would be cut silently).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -191,20 +242,33 @@ def train_generator(
         raise ValueError(f"images must be (N, {cfg.image_size}, {cfg.image_size}, 3) uint8, got {images.shape}")
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if cfg.layout_caption_share and layout_captions is None:
+        raise ValueError(
+            f"train-generator.layout_caption_share is {cfg.layout_caption_share} but the data has no layout "
+            "captions (captions.parquet without a layout_caption column: rerun `synthdet world --only captioned`)"
+        )
+    if layout_captions is not None and len(layout_captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(layout_captions)} layout captions")
+    layout_captions = layout_captions if cfg.layout_caption_share else None
     torch.set_num_threads(os.cpu_count() or 1)  # importing ultralytics leaves torch on cpu_count - 1 threads
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    vae, tokenizer, text_encoder, unet, noise = build_parts(cfg, _vocabulary(captions))
+    vae, tokenizer, text_encoder, unet, noise = build_parts(cfg, _vocabulary(captions + (layout_captions or [])))
 
-    # 1. The autoencoder.
+    # 1. The autoencoder: trained here, or reused.
     began = time.perf_counter()
+    vae_steps = cfg.vae_steps
+    if cfg.vae_from is not None:
+        vae, vae_steps = load_autoencoder(cfg), 0
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    vae_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, vae_steps) if cfg.vae_lr_decay else None
+    vae_noise = torch.Generator().manual_seed(cfg.seed)  # its own: UNet-side settings leave the autoencoder alone
     vae_loss = float("nan")
-    for step in tqdm(range(cfg.vae_steps), desc="train vae", disable=not progress):
+    for step in tqdm(range(vae_steps), desc="train vae", disable=not progress):
         x = pixels_to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
         posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample()).sample
+        rec = vae.decode(posterior.sample(generator=vae_noise)).sample
         loss = (
             F.l1_loss(rec, x)
             + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
@@ -213,6 +277,8 @@ def train_generator(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if vae_schedule is not None:
+            vae_schedule.step()
         vae_loss = loss.item()
         if on_step and step % 50 == 0:
             on_step("vae", step, vae_loss)
@@ -227,9 +293,7 @@ def train_generator(
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = (latents * scaling).clone()
-    tokens = tokenizer(
-        captions, padding="max_length", max_length=cfg.max_tokens, truncation=True, return_tensors="pt"
-    ).input_ids
+    tokens, layout_tokens = (_tokens(tokenizer, c, cfg.max_tokens) if c else None for c in (captions, layout_captions))
     empty = tokenizer([""], padding="max_length", max_length=cfg.max_tokens, return_tensors="pt").input_ids
     single = np.array([" and " not in caption for caption in captions])  # the world joins objects with "and"
 
@@ -246,6 +310,9 @@ def train_generator(
     for step in tqdm(range(cfg.unet_steps), desc="train unet", disable=not progress):
         idx = torch.from_numpy(draw_batch(rng, single, cfg.unet_batch, cfg.single_object_share))
         z0, ids = latents[idx].contiguous(memory_format=torch.channels_last), tokens[idx].clone()
+        if layout_tokens is not None:
+            laid_out = torch.rand(len(ids)) < cfg.layout_caption_share
+            ids[laid_out] = layout_tokens[idx][laid_out]
         ids[torch.rand(len(ids)) < cfg.caption_dropout] = empty[0]  # unconditional, for guidance
         eps = torch.randn_like(z0)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),))

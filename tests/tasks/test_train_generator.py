@@ -106,6 +106,63 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
         load_captioned(tmp_path)
 
 
+def test_layout_captions_join_the_vocabulary_and_are_checked(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    layout = [c.replace("a ", "a small ", 1).replace(",", " at top left,") for c in captions]
+    cfg = TINY.model_copy(update={"layout_caption_share": 0.5, "max_tokens": 12})
+    with pytest.raises(ValueError, match="layout_caption_share is 0.5 but the data has no layout captions"):
+        train_generator(images, captions, cfg, tmp_path / "g", progress=False)
+    with pytest.raises(ValueError, match="max_tokens: 8 tokens cannot hold the caption 'a small red circle at top"):
+        train_generator(images, captions, cfg.model_copy(update={"max_tokens": 8}), tmp_path / "g", False, None, layout)
+    train_generator(images, captions, cfg, tmp_path / "g", progress=False, layout_captions=layout)
+    tokenizer = load_pipeline(GenerateConfig(model=str(tmp_path / "g"))).pipe.tokenizer
+    ids = tokenizer("a small red circle at top left, fog").input_ids
+    assert tokenizer.unk_token_id not in ids and len(ids) == 11  # every layout word is in the vocabulary
+
+
+def test_the_unets_settings_leave_the_autoencoder_alone(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    train_generator(images, captions, TINY, tmp_path / "a", progress=False)
+    other = TINY.model_copy(update={"unet_channels": [32, 32], "unet_layers": 2, "text_layers": 1})
+    train_generator(images, [c + " and more" for c in captions], other, tmp_path / "b", progress=False)
+    (a,) = (tmp_path / "a" / "vae").glob("*.safetensors")
+    (b,) = (tmp_path / "b" / "vae").glob("*.safetensors")
+    assert a.read_bytes() == b.read_bytes()  # another UNet, text encoder and vocabulary: the same autoencoder
+    (a,) = (tmp_path / "a" / "unet").glob("*.safetensors")
+    (b,) = (tmp_path / "b" / "unet").glob("*.safetensors")
+    assert a.read_bytes() != b.read_bytes()
+
+
+def test_an_autoencoder_can_be_reused_and_must_fit(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    train_generator(images, captions, TINY, tmp_path / "a", progress=False)
+    reuse = TINY.model_copy(update={"vae_from": tmp_path / "a" / "vae", "vae_lr_decay": True, "seed": 1})
+    result = train_generator(images, captions, reuse, tmp_path / "b", progress=False)
+    assert np.isnan(result.vae_loss)  # no autoencoder step was taken
+    (a,) = (tmp_path / "a" / "vae").glob("*.safetensors")
+    (b,) = (tmp_path / "b" / "vae").glob("*.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(
+        ValueError, match="vae_from: .* has 8 latent channels, 3 levels and 64 px images; this config wants 4"
+    ):
+        train_generator(images, captions, reuse.model_copy(update={"latent_channels": 4}), tmp_path / "c", False)
+    with pytest.raises(FileNotFoundError, match="vae_from: .*nowhere: no autoencoder here"):
+        train_generator(
+            images, captions, reuse.model_copy(update={"vae_from": tmp_path / "nowhere"}), tmp_path / "c", False
+        )
+
+
+def test_load_captioned_reads_layout_captions_where_the_world_wrote_them(tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    table = pd.DataFrame({"file": ["a.png"], "caption": ["a red circle, fog"]})
+    table.to_parquet(tmp_path / "captions.parquet")
+    assert load_captioned(tmp_path)[2] is None
+    table.assign(layout_caption=["a small red circle at left, fog"]).to_parquet(tmp_path / "captions.parquet")
+    images, captions, layout = load_captioned(tmp_path)
+    assert images.shape == (1, 64, 64, 3) and captions == ["a red circle, fog"]
+    assert layout == ["a small red circle at left, fog"]
+
+
 def test_batches_weighted_toward_one_object_captions() -> None:
     single = np.array([True] * 10 + [False] * 30)
     batch = draw_batch(np.random.default_rng(0), single, 64, 0.75)

@@ -8,6 +8,8 @@ to choose ``generate.guidance_scale`` for a generator.
 
     python -m bench.guidance                                   # about 4 min on a 2-core CPU
     python -m bench.guidance --scales 1,4,7.5,10,14 --per-cell 12
+    python -m bench.guidance --scales 10 --until 1,0.5,0.3     # guide only the first steps
+    python -m bench.guidance --scales 10 --layout --generator DIR   # prompts that ask for size and place
 
 Prints a table and writes ``bench/results/guidance.json``.
 """
@@ -24,6 +26,7 @@ from bench.report import ROOT, LoadWatch, table, write_result
 from bench.workload import prepare_environment
 
 CLASSES = ["circle", "square", "triangle", "star"]
+SCHEDULERS = {"ddim": None, "dpm++": "DPMSolverMultistepScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,6 +37,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", default="4,6,8,10,14", help="comma-separated guidance scales")
     parser.add_argument("--per-cell", type=int, default=6, help="images per class x condition cell and scale")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim",
+                        help="sampler: ddim (the generator's own), dpm++ (DPMSolverMultistep), euler_a")  # fmt: skip
+    parser.add_argument("--until", default="1",
+                        help="comma-separated shares of the steps to guide, the rest unguided (generate.guidance_until)")  # fmt: skip
+    parser.add_argument("--layout", action="store_true",
+                        help="prompts also ask for a size and a place ('a small red star at top left, fog'); "
+                        "reports how often the found box agrees with them")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/guidance.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -46,37 +56,62 @@ def main(argv: list[str] | None = None) -> dict:
     from ultralytics import YOLO
 
     from tasks import evaluate_default as ev
-    from tasks.world import CONDITIONS
+    from tasks.generation import guidance_cutoff
+    from tasks.layout import agrees
+    from tasks.world import COMMON_CONDITIONS, CONDITIONS
 
-    prompts = ev.prompt_table(CLASSES, CONDITIONS, args.per_cell, seed=0)
+    prompts = ev.prompt_table(CLASSES, CONDITIONS, args.per_cell, seed=0, layout=args.layout)
     pipe = StableDiffusionPipeline.from_pretrained(args.generator, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    if SCHEDULERS[args.scheduler]:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     judges = {"validator": YOLO(str(args.validator)), "reference": YOLO(str(args.reference))}
     rows = []
-    for scale in (float(s) for s in args.scales.split(",")):
+    untils = [float(u) for u in args.until.split(",")]
+    for scale, until in ((float(s), u) for s in args.scales.split(",") for u in untils):
         began = time.perf_counter()
         images = []
         for start in range(0, len(prompts), 32):
             chunk = prompts.iloc[start : start + 32]
             seeds = [torch.Generator().manual_seed(int(s)) for s in chunk["seed"]]
             out = pipe(list(chunk["prompt"]), num_inference_steps=args.steps, guidance_scale=scale, height=64,
-                       width=64, generator=seeds, output_type="np").images  # fmt: skip
+                       width=64, generator=seeds, output_type="np",
+                       callback_on_step_end=guidance_cutoff(args.steps, until),
+                       callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
             images += [np.ascontiguousarray((x * 255).round().astype(np.uint8)[..., ::-1]) for x in out]  # BGR
         seconds = time.perf_counter() - began
         judged = prompts.assign(source="generated")
         for name, judge in judges.items():
             results = judge.predict(images, imgsz=64, conf=0.25, verbose=False, batch=64)
-            detections = [[{"name": judge.names[int(c)]} for c in r.boxes.cls] for r in results]
+            detections = [
+                [
+                    {"name": judge.names[int(c)], "box": b.tolist()}
+                    for c, b in zip(r.boxes.cls, r.boxes.xywhn, strict=True)
+                ]
+                for r in results
+            ]
             judged[f"found_{name}"] = ev.found(detections, prompts["class"].tolist())
+            judged[f"placed_{name}"] = [
+                any(d["name"] == row["class"] and agrees(d["box"], row["position"], row["size"]) for d in dets)
+                for dets, row in zip(detections, prompts.to_dict("records"), strict=True)
+            ]
         fidelity = ev.fidelity_summary(judged)["generated"]  # the judge that counts, as evaluate-default
-        row = {"guidance": scale, "images": len(images), "fidelity": round(fidelity["overall"], 3)}
+        row = {"guidance": scale, "until": until, "images": len(images), "fidelity": round(fidelity["overall"], 3)}
+        if args.layout:  # found with the size and place asked for, by the judge that counts
+            placed = judged["placed_validator"].where(
+                judged["condition"].isin(COMMON_CONDITIONS), judged["placed_reference"]
+            )
+            row["as asked"] = round(float(placed.mean()), 3)
         row |= {k: round(v, 2) for k, v in {**fidelity["by_condition"], **fidelity["by_class"]}.items()}
         row["s/image"] = round(seconds / len(images), 3)
         rows.append(row)
         print(table([row]), flush=True)
     print(table(rows))
     settings = {k: str(v) for k, v in vars(args).items() if k != "out"}
-    figures = {"rows": rows, "best": max(rows, key=lambda r: r["fidelity"])["guidance"]}
+    best = max(rows, key=lambda r: r["fidelity"])
+    figures = {"rows": rows, "best": {"guidance": best["guidance"], "until": best["until"]}}
     write_result("guidance", argv, settings, figures, load, args.out)
     return figures
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.guidance import detect_all, to_bgr
 from bench.report import ROOT, LoadWatch, table, write_result
 from bench.workload import prepare_environment
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ultralytics import YOLO
 
     from tasks import evaluate_default as ev
+    from tasks.generation import pixels_to_tensor
     from tasks.world import CONDITIONS
 
     real = ev.render_real(CLASSES, CONDITIONS, args.per_cell, work / "real")
@@ -69,21 +71,19 @@ def main(argv: list[str] | None = None) -> dict:
         for start in range(0, len(real), 32):
             end = min(start + 32, len(real))
             if strength == 0:  # the round trip: the autoencoder alone
-                x = torch.from_numpy(np.stack([np.asarray(p) for p in pixels[start:end]])).permute(0, 3, 1, 2)
+                x = pixels_to_tensor(np.stack([np.asarray(p) for p in pixels[start:end]]))
                 with torch.inference_mode():
-                    z = pipe.vae.encode(x.float() / 127.5 - 1).latent_dist.mean
+                    z = pipe.vae.encode(x).latent_dist.mean
                     out = (pipe.vae.decode(z).sample.clamp(-1, 1) + 1) / 2
                 out = out.permute(0, 2, 3, 1).numpy()
             else:
                 out = img2img(list(real["caption"][start:end]), image=pixels[start:end], strength=strength,
                               num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
                               generator=[torch.Generator().manual_seed(s) for s in seeds[start:end]]).images  # fmt: skip
-            images += [np.ascontiguousarray((x * 255).round().astype(np.uint8)[..., ::-1]) for x in out]  # BGR
+            images += to_bgr(out)
         seconds = time.perf_counter() - began
         judged = real.assign(source="generated")
-        for name, judge in judges.items():
-            results = judge.predict(images, imgsz=64, conf=0.25, verbose=False, batch=64)
-            detections = [[{"name": judge.names[int(c)]} for c in r.boxes.cls] for r in results]
+        for name, detections in detect_all(judges, images).items():
             judged[f"found_{name}"] = ev.found(detections, real["class"].tolist())
         fidelity = ev.fidelity_summary(judged)["generated"]
         row = {"strength": strength, "images": len(images), "found": round(fidelity["overall"], 3)}

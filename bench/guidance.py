@@ -29,6 +29,25 @@ CLASSES = ["circle", "square", "triangle", "star"]
 SCHEDULERS = {"ddim": None, "dpm++": "DPMSolverMultistepScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}
 
 
+def to_bgr(pixels) -> list:
+    """A pipeline's float images in [0, 1] as uint8 BGR arrays, the layout ultralytics reads."""
+    import numpy as np
+
+    return [np.ascontiguousarray((x * 255).round().astype(np.uint8)[..., ::-1]) for x in pixels]
+
+
+def detect_all(judges: dict, images: list) -> dict[str, list[list[dict]]]:
+    """Each judge's detections per image at conf >= 0.25: ``{"name", "box"}`` (box as normalised cx, cy, w, h)."""
+    out = {}
+    for name, judge in judges.items():
+        results = judge.predict(images, imgsz=64, conf=0.25, verbose=False, batch=64)
+        out[name] = [
+            [{"name": judge.names[int(c)], "box": b.tolist()} for c, b in zip(r.boxes.cls, r.boxes.xywhn, strict=True)]
+            for r in results
+        ]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", type=Path, default=ROOT / "models" / "generator")
@@ -50,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     load = LoadWatch()
     prepare_environment(Path(tempfile.mkdtemp(prefix="synthdet-bench-guidance-")))
 
-    import numpy as np
     import torch
     from diffusers import StableDiffusionPipeline
     from ultralytics import YOLO
@@ -80,18 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
                        width=64, generator=seeds, output_type="np",
                        callback_on_step_end=guidance_cutoff(args.steps, until),
                        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
-            images += [np.ascontiguousarray((x * 255).round().astype(np.uint8)[..., ::-1]) for x in out]  # BGR
+            images += to_bgr(out)
         seconds = time.perf_counter() - began
         judged = prompts.assign(source="generated")
-        for name, judge in judges.items():
-            results = judge.predict(images, imgsz=64, conf=0.25, verbose=False, batch=64)
-            detections = [
-                [
-                    {"name": judge.names[int(c)], "box": b.tolist()}
-                    for c, b in zip(r.boxes.cls, r.boxes.xywhn, strict=True)
-                ]
-                for r in results
-            ]
+        for name, detections in detect_all(judges, images).items():
             judged[f"found_{name}"] = ev.found(detections, prompts["class"].tolist())
             judged[f"placed_{name}"] = [
                 any(d["name"] == row["class"] and agrees(d["box"], row["position"], row["size"]) for d in dets)

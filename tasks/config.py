@@ -319,6 +319,16 @@ class TrainGeneratorConfig(Section):
         description="Warm the autoencoder's learning rate up over warmup_steps and decay it to 0 on a cosine, "
         "as the UNet's; off, it stays at vae_lr to the end and the weights stop wherever the last steps left them.",
     )
+    vae_ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="Keep an exponential moving average of the autoencoder's weights and save it instead of the "
+        "last step's (0.995 averages about the last 200 steps); None saves the last step's.",
+    )
+    vae_sample: bool = Field(
+        True,
+        description="Decode a sample of the posterior while training (a KL autoencoder, as Stable Diffusion's); "
+        "false decodes its mean (no sampling noise, no KL term) and saves a posterior pinned to that mean.",
+    )
     kl_weight: Annotated[float, Field(ge=0)] = 1e-7
     edge_weight: Annotated[float, Field(ge=0)] = 1.0
     max_tokens: Annotated[int, Field(ge=4, le=77)] = 20

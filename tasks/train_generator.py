@@ -13,10 +13,11 @@ web-scale image-text corpus), saved as a standard diffusers ``StableDiffusionPip
 
 The recipe follows the trial in ``shared/research/tiny-ldm-feasibility.md``. Steps, not wall time,
 bound each phase, so a seed reproduces the weights on one machine (another CPU's kernels round
-differently). The autoencoder draws its sampling noise from a generator of its own, so settings on the
-UNet's side (its size, the vocabulary) leave it unchanged. Before 2026-11-30 they changed it, and
-autoencoders of the same settings kept 0.62 to 0.80 of objects through their round trip
-(docs/generator.md). ``vae_from`` reuses an autoencoder outright.
+differently). Each phase draws its batches and noise from generators of its own, so settings on the
+UNet's side (its size, the vocabulary) leave the autoencoder unchanged, and ``vae_from`` (reuse an
+autoencoder outright) pointed at a run's autoencoder trains that run's very UNet. Before 2026-11-30 the
+phases shared one generator, and autoencoders of the same settings kept 0.62 to 0.80 of objects through
+their round trip (docs/generator.md).
 """
 
 from __future__ import annotations
@@ -210,6 +211,88 @@ def target_and_weight(noise, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     return eps, torch.clamp(snr, max=gamma) / snr
 
 
+def train_autoencoder(
+    vae,
+    images: np.ndarray,
+    cfg: TrainGeneratorConfig,
+    progress: bool = True,
+    on_step: Callable[[str, int, float], None] | None = None,
+    on_checkpoint: Callable[[int, str, object], None] | None = None,
+    checkpoint_every: int = 0,
+):
+    """Train ``vae`` for ``cfg.vae_steps`` steps; return it and the last step's loss.
+
+    L1 plus an edge loss (small shapes stay sharp) plus a tiny KL term. With ``cfg.vae_ema_decay`` the
+    returned weights are an exponential moving average of the steps' weights, not the last step's.
+    ``on_checkpoint(step, "last" or "ema", vae)``, a benchmark's hook (``bench.autoencoder_steps``), sees
+    the weights every ``checkpoint_every`` steps and after the last step, in eval mode.
+
+    Its batches and sampling noise come from generators of its own, seeded by ``cfg.seed``, so the result
+    depends only on ``vae``'s initial weights and the autoencoder's settings.
+    """
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    steps = cfg.vae_steps
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, steps) if cfg.vae_lr_decay else None
+    ema = EMAModel(vae.parameters(), decay=cfg.vae_ema_decay) if cfg.vae_ema_decay else None
+    rng = np.random.default_rng(cfg.seed)
+    noise = torch.Generator().manual_seed(cfg.seed)  # its own: UNet-side settings leave the autoencoder alone
+
+    def checkpoint(step: int) -> None:
+        vae.eval()
+        with torch.no_grad():
+            on_checkpoint(step, "last", vae)
+            if ema is not None:
+                ema.store(vae.parameters())
+                ema.copy_to(vae.parameters())
+                on_checkpoint(step, "ema", vae)
+                ema.restore(vae.parameters())
+        vae.train()
+
+    loss = torch.tensor(float("nan"))
+    for step in tqdm(range(steps), desc="train vae", disable=not progress):
+        x = pixels_to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        if cfg.vae_sample:
+            rec = vae.decode(posterior.sample(generator=noise)).sample
+            loss = F.l1_loss(rec, x) + cfg.kl_weight * posterior.kl().mean()
+        else:
+            rec = vae.decode(posterior.mean).sample
+            loss = F.l1_loss(rec, x)
+        loss = loss + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        if ema is not None:
+            ema.step(vae.parameters())
+        if on_step and step % 50 == 0:
+            on_step("vae", step, loss.item())
+        if on_checkpoint and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == steps):
+            checkpoint(step + 1)
+    if ema is not None:
+        ema.copy_to(vae.parameters())
+    if not cfg.vae_sample:
+        pin_posterior(vae)
+    return vae, loss.item()
+
+
+def pin_posterior(vae) -> None:
+    """Make ``vae``'s posterior a point: its log-variance -30 (std 3e-7) whatever the image.
+
+    An autoencoder trained on its posterior mean never learnt a variance; pipelines that sample the
+    posterior (diffusers' img2img) then get the mean, as in training.
+    """
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[half:] = 0
+        vae.quant_conv.bias[half:] = -30.0
+
+
 def train_generator(
     images: np.ndarray,
     captions: list[str],
@@ -252,37 +335,17 @@ def train_generator(
     layout_captions = layout_captions if cfg.layout_caption_share else None
     torch.set_num_threads(os.cpu_count() or 1)  # importing ultralytics leaves torch on cpu_count - 1 threads
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     vae, tokenizer, text_encoder, unet, noise = build_parts(cfg, _vocabulary(captions + (layout_captions or [])))
 
     # 1. The autoencoder: trained here, or reused.
     began = time.perf_counter()
-    vae_steps = cfg.vae_steps
     if cfg.vae_from is not None:
-        vae, vae_steps = load_autoencoder(cfg), 0
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    vae_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, vae_steps) if cfg.vae_lr_decay else None
-    vae_noise = torch.Generator().manual_seed(cfg.seed)  # its own: UNet-side settings leave the autoencoder alone
-    vae_loss = float("nan")
-    for step in tqdm(range(vae_steps), desc="train vae", disable=not progress):
-        x = pixels_to_tensor(images[rng.integers(0, len(images), cfg.vae_batch)])
-        posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample(generator=vae_noise)).sample
-        loss = (
-            F.l1_loss(rec, x)
-            + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
-            + cfg.kl_weight * posterior.kl().mean()
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if vae_schedule is not None:
-            vae_schedule.step()
-        vae_loss = loss.item()
-        if on_step and step % 50 == 0:
-            on_step("vae", step, vae_loss)
-    vae.eval().requires_grad_(False)
+        vae, vae_loss = load_autoencoder(cfg), float("nan")
+    else:
+        vae, vae_loss = train_autoencoder(vae, images, cfg, progress, on_step)
+    # The UNet learns the latents of the autoencoder as saved (fp16), so a run that reuses this one
+    # through vae_from trains the very same UNet.
+    vae.to(torch.float16).to(torch.float32).eval().requires_grad_(False)
     vae_seconds = time.perf_counter() - began
 
     # Latents once: the posterior mean, scaled to unit variance as Stable Diffusion does.
@@ -306,16 +369,17 @@ def train_generator(
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     unet.train()
     text_encoder.train()
+    rng, draws = np.random.default_rng([cfg.seed, 1]), torch.Generator().manual_seed(cfg.seed + 1)  # its own too
     unet_loss = float("nan")
     for step in tqdm(range(cfg.unet_steps), desc="train unet", disable=not progress):
         idx = torch.from_numpy(draw_batch(rng, single, cfg.unet_batch, cfg.single_object_share))
         z0, ids = latents[idx].contiguous(memory_format=torch.channels_last), tokens[idx].clone()
         if layout_tokens is not None:
-            laid_out = torch.rand(len(ids)) < cfg.layout_caption_share
+            laid_out = torch.rand(len(ids), generator=draws) < cfg.layout_caption_share
             ids[laid_out] = layout_tokens[idx][laid_out]
-        ids[torch.rand(len(ids)) < cfg.caption_dropout] = empty[0]  # unconditional, for guidance
-        eps = torch.randn_like(z0)
-        t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),))
+        ids[torch.rand(len(ids), generator=draws) < cfg.caption_dropout] = empty[0]  # unconditional, for guidance
+        eps = torch.randn(z0.shape, generator=draws).contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, noise.config.num_train_timesteps, (len(z0),), generator=draws)
         pred = unet(noise.add_noise(z0, eps, t), t, text_encoder(ids)[0]).sample
         target, weight = target_and_weight(noise, z0, eps, t, cfg.min_snr_gamma)
         loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()

@@ -171,3 +171,61 @@ def test_batches_weighted_toward_one_object_captions() -> None:
     assert 60 < single[uniform].sum() < 140  # about a quarter, as in the set
     only_single = draw_batch(np.random.default_rng(0), np.ones(5, bool), 8, 0.75)
     assert len(only_single) == 8 and only_single.max() < 5  # one kind missing: drawn alike, no error
+
+
+def test_the_autoencoder_can_return_its_weights_average_and_show_each_checkpoint() -> None:
+    import torch
+
+    from tasks.train_generator import build_parts, train_autoencoder
+
+    images, _ = captioned(6)
+    cfg = TINY.model_copy(update={"vae_steps": 5, "vae_ema_decay": 0.5})
+
+    def trained(cfg, **hooks):
+        torch.manual_seed(cfg.seed)
+        vae = build_parts(cfg, ["a"])[0]
+        vae, loss = train_autoencoder(vae, images, cfg, progress=False, **hooks)
+        return torch.nn.utils.parameters_to_vector(vae.parameters()).detach().clone(), loss
+
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(step: int, weights: str, vae) -> None:
+        assert not vae.training
+        seen[step, weights] = torch.nn.utils.parameters_to_vector(vae.parameters()).clone()
+
+    averaged, loss = trained(cfg, on_checkpoint=keep, checkpoint_every=2)
+    assert np.isfinite(loss)
+    assert sorted(seen) == [(2, "ema"), (2, "last"), (4, "ema"), (4, "last"), (5, "ema"), (5, "last")]
+    assert torch.equal(averaged, seen[5, "ema"])  # the run returns the average
+    assert not torch.equal(seen[5, "ema"], seen[5, "last"])
+    assert torch.equal(trained(cfg)[0], averaged)  # looking at checkpoints leaves training as it was
+    last, _ = trained(cfg.model_copy(update={"vae_ema_decay": None}))
+    assert torch.equal(last, seen[5, "last"])  # without averaging, the last step's weights
+
+
+def test_a_run_on_a_reused_autoencoder_trains_the_same_unet_as_the_run_that_made_it(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    train_generator(images, captions, TINY, tmp_path / "a", progress=False)
+    reuse = TINY.model_copy(update={"vae_from": tmp_path / "a" / "vae"})
+    train_generator(images, captions, reuse, tmp_path / "b", progress=False)
+    for part in ("unet", "text_encoder", "vae"):
+        (a,) = (tmp_path / "a" / part).glob("*.safetensors")
+        (b,) = (tmp_path / "b" / part).glob("*.safetensors")
+        assert a.read_bytes() == b.read_bytes(), part
+
+
+def test_an_autoencoder_trained_on_its_posterior_mean_saves_a_point_posterior(tmp_path: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    images, captions = captioned(6)
+    cfg = TINY.model_copy(update={"vae_sample": False})
+    result = train_generator(images, captions, cfg, tmp_path / "g", progress=False)
+    assert np.isfinite(result.vae_loss)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "g" / "vae", torch_dtype=torch.float32, local_files_only=True)
+    posterior = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1).latent_dist
+    assert float(posterior.std.max()) < 1e-6  # img2img's posterior sample is the mean
+    sampled = TINY.model_copy(update={"vae_steps": 3})
+    train_generator(images, captions, sampled, tmp_path / "s", progress=False)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "s" / "vae", torch_dtype=torch.float32, local_files_only=True)
+    assert float(vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1).latent_dist.std.min()) > 1e-3

@@ -31,6 +31,18 @@ from bench.workload import prepare_environment
 CLASSES = ["circle", "square", "triangle", "star"]
 
 
+def round_trip(vae, pixels):
+    """(N, H, W, 3) uint8 images encoded (posterior mean) and decoded by ``vae``: floats in [0, 1], NHWC."""
+    import torch
+
+    from tasks.generation import pixels_to_tensor
+
+    with torch.inference_mode():
+        z = vae.encode(pixels_to_tensor(pixels)).latent_dist.mean
+        out = (vae.decode(z).sample.clamp(-1, 1) + 1) / 2
+    return out.permute(0, 2, 3, 1).numpy()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", type=Path, default=ROOT / "models" / "generator")
@@ -54,7 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
     from ultralytics import YOLO
 
     from tasks import evaluate_default as ev
-    from tasks.generation import pixels_to_tensor
     from tasks.world import CONDITIONS
 
     real = ev.render_real(CLASSES, CONDITIONS, args.per_cell, work / "real")
@@ -71,11 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         for start in range(0, len(real), 32):
             end = min(start + 32, len(real))
             if strength == 0:  # the round trip: the autoencoder alone
-                x = pixels_to_tensor(np.stack([np.asarray(p) for p in pixels[start:end]]))
-                with torch.inference_mode():
-                    z = pipe.vae.encode(x).latent_dist.mean
-                    out = (pipe.vae.decode(z).sample.clamp(-1, 1) + 1) / 2
-                out = out.permute(0, 2, 3, 1).numpy()
+                out = round_trip(pipe.vae, np.stack([np.asarray(p) for p in pixels[start:end]]))
             else:
                 out = img2img(list(real["caption"][start:end]), image=pixels[start:end], strength=strength,
                               num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",

@@ -222,7 +222,8 @@ def train_autoencoder(
 ):
     """Train ``vae`` for ``cfg.vae_steps`` steps; return it and the last step's loss.
 
-    L1 plus an edge loss (small shapes stay sharp) plus a tiny KL term. With ``cfg.vae_ema_decay`` the
+    L1 plus an edge loss (small shapes stay sharp) on the decoded posterior sample, plus a tiny KL term;
+    with ``cfg.vae_sample`` false, on the decoded posterior mean, without one. With ``cfg.vae_ema_decay`` the
     returned weights are an exponential moving average of the steps' weights, not the last step's.
     ``on_checkpoint(step, "last" or "ema", vae)``, a benchmark's hook (``bench.autoencoder_steps``), sees
     the weights every ``checkpoint_every`` steps and after the last step, in eval mode.
@@ -345,7 +346,10 @@ def train_generator(
         vae, vae_loss = train_autoencoder(vae, images, cfg, progress, on_step)
     # The UNet learns the latents of the autoencoder as saved (fp16), so a run that reuses this one
     # through vae_from trains the very same UNet.
-    vae.to(torch.float16).to(torch.float32).eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        for weight in vae.parameters():
+            weight.copy_(weight.half())
     vae_seconds = time.perf_counter() - began
 
     # Latents once: the posterior mean, scaled to unit variance as Stable Diffusion does.

@@ -8,7 +8,7 @@ after encoding and decoding. The judge is the validator for common conditions an
 for rare ones, at conf >= 0.25. With ``--ema`` each checkpoint measures both the last step's weights and
 their moving average, so one run shows whether averaging steadies the end point.
 
-    python -m bench.autoencoder_steps --steps 3000 --every 250 --ema 0.995    # about 20 min here
+    python -m bench.autoencoder_steps --steps 3000 --every 250 --ema 0.995    # 27 min here, half of it beside another run
     python -m bench.autoencoder_steps --steps 100 --every 50 --per-cell 2     # a smoke run
 
 ``--save DIR`` keeps the weights the run returns (the average with ``--ema``), for

@@ -322,12 +322,15 @@ class TrainGeneratorConfig(Section):
     vae_ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = Field(
         None,
         description="Keep an exponential moving average of the autoencoder's weights and save it instead of the "
-        "last step's (0.995 averages about the last 200 steps); None saves the last step's.",
+        "last step's (0.995 averages about the last 200 steps); None saves the last step's. It trailed the last "
+        "step while the autoencoder still learnt (docs/benchmarks.md section 9).",
     )
     vae_sample: bool = Field(
         True,
         description="Decode a sample of the posterior while training (a KL autoencoder, as Stable Diffusion's); "
-        "false decodes its mean (no sampling noise, no KL term) and saves a posterior pinned to that mean.",
+        "false decodes its mean (no sampling noise, no KL term) and saves a posterior pinned to that mean. False "
+        "learns faster (round trip 0.80 in 1,500 steps against 0.53), but its images carried stripes and made worse "
+        "training data in the ablation (docs/generator.md).",
     )
     kl_weight: Annotated[float, Field(ge=0)] = 1e-7
     edge_weight: Annotated[float, Field(ge=0)] = 1.0

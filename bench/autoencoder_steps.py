@@ -1,7 +1,7 @@
 """Does the autoencoder stop at a lucky point? Its round trip, measured along one training run.
 
 Trains only the autoencoder of ``synthdet train-generator`` (the ``train-generator`` settings of
-``--params``; ``--steps``, ``--ema`` and ``--seed`` override theirs) on the captioned world images. Every
+``--params``; ``--steps``, ``--ema``, ``--mean`` and ``--seed`` override theirs) on the captioned world images. Every
 ``--every`` steps it measures the round trip: the share of real single-object scenes (``--per-cell`` per
 class x condition, the scenes ``synthdet evaluate-default`` uses) in which the judge still finds the class
 after encoding and decoding. The judge is the validator for common conditions and the reference detector

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.denoise_depth import CLASSES, round_trip
-from bench.guidance import detect_all, to_bgr
+from bench.guidance import judge_all, to_bgr
 from bench.report import ROOT, LoadWatch, table, write_result
 from bench.workload import prepare_environment
 
@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def measure(step: int, weights: str, model) -> None:
         decoded = [out for i in range(0, len(pixels), 64) for out in round_trip(model, pixels[i : i + 64])]
-        judged = real.assign(source="round trip")
-        for name, detections in detect_all(judges, to_bgr(decoded)).items():
-            judged[f"found_{name}"] = ev.found(detections, real["class"].tolist())
-        kept = ev.fidelity_summary(judged)["round trip"]
+        kept, _ = judge_all(judges, real, to_bgr(decoded))
         row = {"step": step, "weights": weights, "kept": round(kept["overall"], 3)}
         row |= {k: round(v, 2) for k, v in kept["by_condition"].items()}
         row["minutes"] = round((time.perf_counter() - began) / 60, 1)

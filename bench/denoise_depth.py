@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.guidance import detect_all, to_bgr
+from bench.guidance import judge_all, to_bgr
 from bench.report import ROOT, LoadWatch, table, write_result
 from bench.workload import prepare_environment
 
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                               generator=[torch.Generator().manual_seed(s) for s in seeds[start:end]]).images  # fmt: skip
             images += to_bgr(out)
         seconds = time.perf_counter() - began
-        judged = real.assign(source="generated")
-        for name, detections in detect_all(judges, images).items():
-            judged[f"found_{name}"] = ev.found(detections, real["class"].tolist())
-        fidelity = ev.fidelity_summary(judged)["generated"]
+        fidelity, _ = judge_all(judges, real, images)
         row = {"strength": strength, "images": len(images), "found": round(fidelity["overall"], 3)}
         row |= {k: round(v, 2) for k, v in {**fidelity["by_condition"], **fidelity["by_class"]}.items()}
         row["s/image"] = round(seconds / len(images), 3)

@@ -48,6 +48,21 @@ def detect_all(judges: dict, images: list) -> dict[str, list[list[dict]]]:
     return out
 
 
+def judge_all(judges: dict, table, images: list) -> tuple[dict, dict[str, list[list[dict]]]]:
+    """How often the judge that counts finds each image's intended class, as ``synthdet evaluate-default``
+    summarises it (overall, by condition, by class), and each judge's detections.
+
+    ``table`` holds one row per image with its ``class`` and ``condition``.
+    """
+    from tasks import evaluate_default as ev
+
+    judged = table.assign(source="generated")
+    detections = detect_all(judges, images)
+    for name, found in detections.items():
+        judged[f"found_{name}"] = ev.found(found, table["class"].tolist())
+    return ev.fidelity_summary(judged)["generated"], detections
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", type=Path, default=ROOT / "models" / "generator")
@@ -100,20 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
                        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
             images += to_bgr(out)
         seconds = time.perf_counter() - began
-        judged = prompts.assign(source="generated")
-        for name, detections in detect_all(judges, images).items():
-            judged[f"found_{name}"] = ev.found(detections, prompts["class"].tolist())
-            judged[f"placed_{name}"] = [
-                any(d["name"] == row["class"] and agrees(d["box"], row["position"], row["size"]) for d in dets)
-                for dets, row in zip(detections, prompts.to_dict("records"), strict=True)
-            ]
-        fidelity = ev.fidelity_summary(judged)["generated"]  # the judge that counts, as evaluate-default
+        fidelity, detections = judge_all(judges, prompts, images)  # the judge that counts, as evaluate-default
         row = {"guidance": scale, "until": until, "images": len(images), "fidelity": round(fidelity["overall"], 3)}
         if args.layout:  # found with the size and place asked for, by the judge that counts
-            placed = judged["placed_validator"].where(
-                judged["condition"].isin(COMMON_CONDITIONS), judged["placed_reference"]
-            )
-            row["as asked"] = round(float(placed.mean()), 3)
+            judge = ["validator" if c in COMMON_CONDITIONS else "reference" for c in prompts["condition"]]
+            placed = [
+                any(d["name"] == p["class"] and agrees(d["box"], p["position"], p["size"]) for d in detections[j][i])
+                for i, (p, j) in enumerate(zip(prompts.to_dict("records"), judge, strict=True))
+            ]
+            row["as asked"] = round(sum(placed) / len(placed), 3)
         row |= {k: round(v, 2) for k, v in {**fidelity["by_condition"], **fidelity["by_class"]}.items()}
         row["s/image"] = round(seconds / len(images), 3)
         rows.append(row)

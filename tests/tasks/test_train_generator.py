@@ -30,6 +30,12 @@ def captioned(n: int) -> tuple[np.ndarray, list[str]]:
     return images, [f"a {['red', 'blue'][i % 2]} circle, {['fog', 'night', 'plain'][i % 3]}" for i in range(n)]
 
 
+def weights(folder: Path, part: str) -> bytes:
+    """The saved safetensors of one part (unet, vae, text_encoder) of a pipeline folder."""
+    (path,) = (folder / part).glob("*.safetensors")
+    return path.read_bytes()
+
+
 def test_trains_saves_and_loads_like_any_pipeline(tmp_path: Path) -> None:
     images, captions = captioned(8)
     steps: list[tuple[str, int]] = []
@@ -91,9 +97,7 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     train_generator(images, captions, TINY, tmp_path / "a", progress=False)
     train_generator(images, captions, TINY, tmp_path / "b", progress=False)
     for part in ("unet", "vae", "text_encoder"):
-        (a,) = (tmp_path / "a" / part).glob("*.safetensors")
-        (b,) = (tmp_path / "b" / part).glob("*.safetensors")
-        assert a.read_bytes() == b.read_bytes(), part
+        assert weights(tmp_path / "a", part) == weights(tmp_path / "b", part), part
 
 
 def test_bad_inputs_are_named(tmp_path: Path) -> None:
@@ -125,12 +129,9 @@ def test_the_unets_settings_leave_the_autoencoder_alone(tmp_path: Path) -> None:
     train_generator(images, captions, TINY, tmp_path / "a", progress=False)
     other = TINY.model_copy(update={"unet_channels": [32, 32], "unet_layers": 2, "text_layers": 1})
     train_generator(images, [c + " and more" for c in captions], other, tmp_path / "b", progress=False)
-    (a,) = (tmp_path / "a" / "vae").glob("*.safetensors")
-    (b,) = (tmp_path / "b" / "vae").glob("*.safetensors")
-    assert a.read_bytes() == b.read_bytes()  # another UNet, text encoder and vocabulary: the same autoencoder
-    (a,) = (tmp_path / "a" / "unet").glob("*.safetensors")
-    (b,) = (tmp_path / "b" / "unet").glob("*.safetensors")
-    assert a.read_bytes() != b.read_bytes()
+    # another UNet, text encoder and vocabulary: the same autoencoder
+    assert weights(tmp_path / "a", "vae") == weights(tmp_path / "b", "vae")
+    assert weights(tmp_path / "a", "unet") != weights(tmp_path / "b", "unet")
 
 
 def test_an_autoencoder_can_be_reused_and_must_fit(tmp_path: Path) -> None:
@@ -139,9 +140,7 @@ def test_an_autoencoder_can_be_reused_and_must_fit(tmp_path: Path) -> None:
     reuse = TINY.model_copy(update={"vae_from": tmp_path / "a" / "vae", "vae_lr_decay": True, "seed": 1})
     result = train_generator(images, captions, reuse, tmp_path / "b", progress=False)
     assert np.isnan(result.vae_loss)  # no autoencoder step was taken
-    (a,) = (tmp_path / "a" / "vae").glob("*.safetensors")
-    (b,) = (tmp_path / "b" / "vae").glob("*.safetensors")
-    assert a.read_bytes() == b.read_bytes()
+    assert weights(tmp_path / "a", "vae") == weights(tmp_path / "b", "vae")
     with pytest.raises(
         ValueError, match="vae_from: .* has 8 latent channels, 3 levels and 64 px images; this config wants 4"
     ):
@@ -209,9 +208,7 @@ def test_a_run_on_a_reused_autoencoder_trains_the_same_unet_as_the_run_that_made
     reuse = TINY.model_copy(update={"vae_from": tmp_path / "a" / "vae"})
     train_generator(images, captions, reuse, tmp_path / "b", progress=False)
     for part in ("unet", "text_encoder", "vae"):
-        (a,) = (tmp_path / "a" / part).glob("*.safetensors")
-        (b,) = (tmp_path / "b" / part).glob("*.safetensors")
-        assert a.read_bytes() == b.read_bytes(), part
+        assert weights(tmp_path / "a", part) == weights(tmp_path / "b", part), part
 
 
 def test_an_autoencoder_trained_on_its_posterior_mean_saves_a_point_posterior(tmp_path: Path) -> None:

@@ -77,7 +77,8 @@ def run_trial(
         elif trial.arm == "adapted":  # the real arm's model of the same k and seed labels for it
             labeller = str(out_dir / ex.Trial("real", trial.k, trial.seed, cfg.synthetic_share, cfg.conf).key
                            / "train" / "weights" / "last.pt")  # fmt: skip
-        candidates = ex.synthetic_candidates(trial, labeller, sources, ctx.params.validate_, cfg, ctx.ws.detections)
+        candidates = ex.synthetic_candidates(trial, labeller, sources, ctx.params.validate_, cfg, ctx.ws.detections,
+                                             ctx.ws.detailed)  # fmt: skip
     ceiling_n = None
     if trial.arm == "ceiling":
         twin = done[(done.get("arm") == "adapted") & (done["k"] == trial.k) & (done["seed"] == trial.seed)]
@@ -140,8 +141,9 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     trials = ex.plan_trials(cfg)
     results_path = out_dir / "results.parquet"
     done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
-    fp = {uses: ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate if uses else None, ctx.params.validate_)
-          for uses in (True, False)}  # fmt: skip
+    detail = ctx.params.dataset.detail
+    fp = {uses: ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate if uses else None, ctx.params.validate_,
+                               detail if uses else None) for uses in (True, False)}  # fmt: skip
     stale = pd.Series([row.get("fingerprint") != fp[ex.arm_uses_generator(row["arm"])]
                        for row in done.to_dict("records")], index=done.index, dtype=bool)  # fmt: skip
     if stale.any():
@@ -165,6 +167,13 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
         if any(t.uses_synthetic for t in todo):
             synthetic = make_synthetic(ctx, cfg, out_dir, parent)
         sources = ex.load_sources(cfg, classes, synthetic)
+        if detail is not None and synthetic is not None:
+            from tasks.detail import detail_grains
+
+            sources.grains, sources.grain_axis = detail_grains(detail, synthetic), detail.axis
+            logger.info("experiment %s: real fine detail added to the synthetic images of %s (grain std %s)",
+                        cfg.name, ", ".join(sources.grains), {v: round(float(g.std.mean()), 3)
+                                                              for v, g in sources.grains.items()})  # fmt: skip
         sets = ex.held_out_sets(cfg)
         logger.info("experiment %s: %d trials, %d already done", cfg.name, len(trials), len(trials) - len(todo))
         for row in done[done["key"].isin({t.key for t in trials})].to_dict("records"):

@@ -102,7 +102,7 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         FileNotFoundError / ValueError: naming the field and the file, as the stage itself would.
     """
     from tasks.dataset import find_real_images
-    from tasks.generation import resolve_model_dir, start_mean_sources
+    from tasks.generation import images_by_value, resolve_model_dir, start_mean_sources
     from tasks.prompts import expand_prompts
     from tasks.validation import load_detector, worker_detector
 
@@ -120,6 +120,13 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         worker_detector(params.validate_.model, params.validate_.device, "validate.model")
     if "dataset" in names and params.dataset.real is not None and params.dataset.real_ratio > 0:
         find_real_images(params.dataset.real, len(params.prompts.classes))
+    if "dataset" in names and params.dataset.detail is not None:
+        detail = params.dataset.detail
+        if detail.axis not in params.prompts.axes:
+            raise ValueError(
+                f"dataset.detail.axis: {detail.axis!r} is not an axis of prompts (axes: {sorted(params.prompts.axes)})"
+            )
+        images_by_value(detail, "dataset.detail.images")
     if "finetune" in names:
         checked = "validate" in names and params.finetune.model == params.validate_.model
         if not params.finetune.model.endswith(".yaml") and not checked:

@@ -116,7 +116,28 @@ RESERVED_COLUMNS = {"prompt_id", "class", "class_id", "prompt", "negative_prompt
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
-class StartMeans(Section):
+class ImagesByValue(Section):
+    """Real images per value of a prompt attribute (an axis of prompts, e.g. condition)."""
+
+    axis: AxisName = Field(
+        "condition", description="The prompt column (an axis of prompts) whose value picks the images."
+    )
+    images: str | dict[str, str] = Field(
+        ...,
+        description="A folder with images and a captions.parquet (columns file and <axis>), "
+        "or {value: folder of images}. Values without images are left alone.",
+    )
+    max_images: PositiveInt | None = Field(None, description="Use at most the first N images of each value.")
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(value, dict) and not value:
+            raise ValueError("give a folder, or at least one value: folder")
+        return value
+
+
+class StartMeans(ImagesByValue):
     """Real images whose mean latent starts the sampling of each prompt with the same attribute value.
 
     A noise schedule that keeps some signal at its last step (Stable Diffusion's keeps
@@ -126,27 +147,11 @@ class StartMeans(Section):
     at that signal level gives the UNet what it expects (docs/experiment.md).
     """
 
-    axis: AxisName = Field(
-        "condition", description="The prompt column (an axis of prompts) whose value picks the images."
-    )
-    images: str | dict[str, str] = Field(
-        ...,
-        description="A folder with images and a captions.parquet (columns file and <axis>), "
-        "or {value: folder of images}. Values without images start from plain noise.",
-    )
-    max_images: PositiveInt | None = Field(None, description="Use at most the first N images of each value.")
     strength: Annotated[float, Field(ge=0, le=4)] = Field(
         1.0,
         description="Multiplies the mean latent before it is added: 1 adds it at the schedule's signal level; "
         "0.8 matched the scarce real images' brightness better, without raising mAP (docs/experiment.md).",
     )
-
-    @field_validator("images")
-    @classmethod
-    def _images(cls, value: str | dict[str, str]) -> str | dict[str, str]:
-        if isinstance(value, dict) and not value:
-            raise ValueError("give a folder, or at least one value: folder")
-        return value
 
 
 class GenerateConfig(Section):
@@ -211,6 +216,24 @@ class ValidateConfig(Section):
 # ---------------------------------------------------------------------------------------------
 # dataset
 # ---------------------------------------------------------------------------------------------
+class AddDetail(ImagesByValue):
+    """Real images whose fine detail is added back to the accepted images of the same attribute value.
+
+    A latent diffusion model cannot draw finer than its autoencoder's latent grid: rain streaks, sensor
+    grain and texture are lost (the shipped generator's images have 2-170 times less power than real
+    ones at 0.3-0.5 cycles per pixel). The dataset stage adds, after validation, random-phase noise with
+    the power real images have and generated ones lack above ``above`` (tasks/detail.py), so the labels
+    made on the clean image stay true. In the ablation it made the data worse (sensor noise gained a
+    little, fog lost more: docs/experiment.md), so it is off by default.
+    """
+
+    above: Annotated[float, Field(gt=0, le=0.71)] = Field(
+        0.125,
+        description="Cycles per pixel from which detail is added: 0.5 / the autoencoder's downsampling "
+        "(0.125 for the shipped generator's 4x, 0.0625 for Stable Diffusion's 8x).",
+    )
+
+
 class DatasetConfig(Section):
     """Assembly of accepted images into a YOLO-format dataset."""
 
@@ -220,6 +243,11 @@ class DatasetConfig(Section):
     real: Path | None = Field(None, description="A YOLO folder (images/, labels/) of real labelled data to mix in.")
     real_ratio: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
         0.0, description="Real images added per accepted synthetic image."
+    )
+    detail: AddDetail | None = Field(
+        None,
+        description="Add real images' fine detail to the accepted images (after validation); off: it "
+        "made worse training data in the ablation (docs/experiment.md).",
     )
 
 

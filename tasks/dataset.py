@@ -7,6 +7,9 @@ Layout written (built beside the target, then swapped in, so a crash leaves the 
     <out>/data.yaml          names; paths relative to this file
     <out>/manifest.parquet   one row per image with its full provenance
 
+With ``dataset.detail`` the accepted images are written with real images' fine detail added
+(tasks/detail.py; their labels were made on the clean image), and the manifest's ``detail`` is True.
+
 The split is decided per image by a hash of (seed, id), so adding images never moves old ones.
 """
 
@@ -147,6 +150,14 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         parts.append(real.iloc[sorted(order)])
     table = pd.concat(parts, ignore_index=True)
     table["split"] = [split_of(i, cfg.seed, cfg.val_fraction) for i in table["image_id"]]
+    grains = {}
+    if cfg.detail is not None:  # fitted on every generated image of a value, not just the accepted
+        from tasks.detail import detail_grains
+
+        made = validated[validated["status"] == "ok"] if "status" in validated else validated
+        grains = detail_grains(cfg.detail, made.drop_duplicates("image_id"))
+    values = table[cfg.detail.axis].astype(str) if cfg.detail and grains else pd.Series("", index=table.index)
+    table["detail"] = (table["source"] == "synthetic") & values.isin(list(grains))
     if cfg.val_fraction > 0 and len(table) > 1 and not (table["split"] == "val").any():
         table.loc[table.index[-1], "split"] = "val"  # ultralytics needs at least one val image
 
@@ -160,12 +171,18 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         dest = f"{row['split']}/{row['image_id']}"
         (staging / "images" / row["split"]).mkdir(parents=True, exist_ok=True)
         (staging / "labels" / row["split"]).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(image, staging / "images" / f"{dest}{image.suffix.lower()}")
+        suffix = ".png" if row["detail"] else image.suffix.lower()
+        if row["detail"]:
+            from tasks.detail import grained_copy
+
+            grained_copy(image, grains[str(row[cfg.detail.axis])], cfg.seed, staging / "images" / f"{dest}.png")
+        else:
+            shutil.copyfile(image, staging / "images" / f"{dest}{suffix}")
         (staging / "labels" / f"{dest}.txt").write_text("\n".join(lines) + "\n")
-        table.loc[index, "file"] = f"images/{dest}{image.suffix.lower()}"
+        table.loc[index, "file"] = f"images/{dest}{suffix}"
     data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(class_names))}
     (staging / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    manifest = table[["file", "split", "source", *[c for c in PROVENANCE if c in table]]]
+    manifest = table[["file", "split", "source", "detail", *[c for c in PROVENANCE if c in table]]]
     manifest.sort_values("file").to_parquet(staging / "manifest.parquet", index=False)
 
     old = out_dir.with_name(f".{out_dir.name}.old")

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tasks.config import ExperimentConfig, FinetuneConfig, GenerateConfig, PromptsConfig, ValidateConfig
+from tasks.config import AddDetail, ExperimentConfig, FinetuneConfig, GenerateConfig, PromptsConfig, ValidateConfig
 from tasks.dataset import IMAGE_SUFFIXES
+from tasks.detail import Grain
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,11 @@ def model_digest(path: str) -> str:
 
 
 def fingerprint(
-    cfg: ExperimentConfig, ft: FinetuneConfig, generate: GenerateConfig | None, validate: ValidateConfig
+    cfg: ExperimentConfig,
+    ft: FinetuneConfig,
+    generate: GenerateConfig | None,
+    validate: ValidateConfig,
+    detail: AddDetail | None = None,
 ) -> str:
     """What a stored trial's figures depend on besides its key: a finished trial is reused only while
     this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out).
@@ -134,9 +139,14 @@ def fingerprint(
         if generate.start_means and generate.start_means.strength == 1.0:  # trials run before the field existed
             del settings["generate"]["start_means"]["strength"]
         if generate.start_means:  # the real images' bytes, not just their folder
-            from tasks.generation import start_mean_digests, start_mean_sources
+            from tasks.generation import images_digests, start_mean_sources
 
-            settings["start_means"] = start_mean_digests(start_mean_sources(generate))
+            settings["start_means"] = images_digests(start_mean_sources(generate))
+        if detail is not None:  # the fine detail added to the synthetic images, and the images it is from
+            from tasks.generation import images_by_value, images_digests
+
+            settings["detail"] = detail.model_dump(mode="json")
+            settings["detail_images"] = images_digests(images_by_value(detail, "dataset.detail.images"))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -455,6 +465,8 @@ class Sources:
     val: list[Item]
     synthetic: pd.DataFrame  # the generate table's ok rows
     class_names: list[str]
+    grains: dict[str, Grain] = field(default_factory=dict)  # dataset.detail's, per value of grain_axis
+    grain_axis: str = "condition"
 
 
 def trial_data(
@@ -502,10 +514,18 @@ def load_sources(cfg: ExperimentConfig, class_names: list[str], generated: pd.Da
 
 
 def synthetic_candidates(
-    trial: Trial, labeller: str, sources: Sources, validate: ValidateConfig, cfg: ExperimentConfig, cache_dir: Path
+    trial: Trial,
+    labeller: str,
+    sources: Sources,
+    validate: ValidateConfig,
+    cfg: ExperimentConfig,
+    cache_dir: Path,
+    detail_dir: Path | None = None,
 ) -> list[Item]:
     """The synthetic images a trial may draw from, labelled by ``labeller`` (and, except for the
-    unfiltered arm, accepted by it at ``trial.conf``). Detections are cached per weights and threshold."""
+    unfiltered arm, accepted by it at ``trial.conf``). Detections are cached per weights and threshold.
+    With ``sources.grains`` (``dataset.detail``), each image is then replaced by a copy with real fine
+    detail added, written under ``detail_dir``."""
     from tasks.validation import detect, load_detector
 
     detector = load_detector(labeller, "experiment labeller")
@@ -518,6 +538,15 @@ def synthetic_candidates(
     )
     if trial.arm == "adapted" and cfg.refine_boxes:
         items = refine_boxes(items, labeller, sources.class_names, validate.model_copy(update={"conf": floor}))
+    if sources.grains:  # labelled on the clean image, trained on it with real detail added
+        from tasks.detail import add_detail
+
+        if detail_dir is None:
+            raise ValueError("synthetic_candidates: sources.grains is set, so detail_dir is needed")
+
+        axis = dict(zip(generated["path"], generated[sources.grain_axis], strict=True))
+        paths = add_detail([i.path for i in items], [axis[i.path] for i in items], sources.grains, 0, detail_dir)
+        items = [replace(item, path=path) for item, path in zip(items, paths, strict=True)]
     return items
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tasks.config import GenerateConfig
+from tasks.config import GenerateConfig, ImagesByValue
 from tasks.dataset import IMAGE_SUFFIXES
 from tasks.retry import with_retries
 from tasks.shards import MapShards, chunks, shard_device, torch_threads, worker_cache
@@ -119,7 +119,7 @@ def image_id(
 ) -> str:
     """The content address of one image: a hash of everything that determines its pixels.
 
-    ``start_digests`` (from :func:`start_mean_digests`) adds the hash of the real images whose mean
+    ``start_digests`` (from :func:`images_digests`) adds the hash of the real images whose mean
     latent starts this row's sampling, if its attribute value has any.
     """
     key = [
@@ -144,17 +144,24 @@ def image_id(
 
 
 def start_mean_sources(cfg: GenerateConfig) -> dict[str, list[Path]]:
-    """The real images ``generate.start_means`` names, per attribute value, in file order.
+    """The real images ``generate.start_means`` names, per attribute value, in file order (see
+    :func:`images_by_value`)."""
+    if cfg.start_means is None:
+        return {}
+    return images_by_value(cfg.start_means, "generate.start_means.images")
+
+
+def images_by_value(spec: ImagesByValue, field: str) -> dict[str, list[Path]]:
+    """The real images ``spec`` names, per attribute value, in file order.
+
+    Args:
+        field: the spec's place in params.yaml, for errors.
 
     Raises:
         FileNotFoundError: a folder, its captions.parquet or a listed image is missing, or a folder
             holds no images.
         ValueError: captions.parquet lacks the ``file`` or the axis column.
     """
-    spec = cfg.start_means
-    if spec is None:
-        return {}
-    field = "generate.start_means.images"
     sources: dict[str, list[Path]] = {}
     if isinstance(spec.images, dict):
         for value, folder in spec.images.items():
@@ -187,7 +194,7 @@ def start_mean_sources(cfg: GenerateConfig) -> dict[str, list[Path]]:
     return sources
 
 
-def start_mean_digests(sources: dict[str, list[Path]]) -> dict[str, str]:
+def images_digests(sources: dict[str, list[Path]]) -> dict[str, str]:
     """sha256 (16 hex chars) of each value's image bytes, in order: part of the image ids."""
     digests = {}
     for value, files in sources.items():
@@ -342,7 +349,7 @@ def generate_images(
         raise ValueError(
             f"generate.start_means.axis: {cfg.start_means.axis!r} is not a prompt column (columns: {list(prompts.columns)})"
         )
-    digests = start_mean_digests(start_mean_sources(cfg))
+    digests = images_digests(start_mean_sources(cfg))
     rows = prompts.to_dict("records")
     ids = [image_id(row, loaded, cfg, digests) for row in rows]
     records: dict[str, dict[str, Any]] = {}
@@ -444,7 +451,7 @@ def render_shard(
     means = {}
     if cfg.start_means and todo:
         sources = start_mean_sources(cfg)
-        key = ("start_means", loaded.model_hash, device, cfg.height, cfg.width, json.dumps(start_mean_digests(sources)))
+        key = ("start_means", loaded.model_hash, device, cfg.height, cfg.width, json.dumps(images_digests(sources)))
         means = worker_cache(key, lambda: start_mean_latents(loaded.pipe, sources, cfg))
     batches = chunks(todo, cfg.batch_size)
     for number, batch in enumerate(batches, 1):

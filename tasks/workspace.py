@@ -4,6 +4,7 @@
 <workspace>/
   cache/images/       content-addressed generated images (<id>.png + <id>.json), shared by runs
   cache/detections/   validator outputs per (image, validator, settings), shared by runs
+  cache/detailed/     accepted images with real fine detail added (dataset.detail), per grain
   runs/<run>/         each run's tables, labels and dataset before versioning
   registry/           the DVC data registry (its own git repository)
   remote/             the default DVC remote (a local directory)
@@ -37,6 +38,10 @@ class Workspace:
     @property
     def detections(self) -> Path:
         return self.root / "cache" / "detections"
+
+    @property
+    def detailed(self) -> Path:
+        return self.root / "cache" / "detailed"
 
     @property
     def run_dir(self) -> Path:

@@ -83,7 +83,7 @@ def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
 
 
 def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
-    from tasks.config import FinetuneConfig, GenerateConfig, ValidateConfig
+    from tasks.config import AddDetail, FinetuneConfig, GenerateConfig, ValidateConfig
     from tasks.experiment import fingerprint
 
     weights = tmp_path / "a.pt"
@@ -108,6 +108,13 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     assert with_means != base
     (tmp_path / "fog" / "a.png").write_bytes(b"image 2")  # same folder, other images: other starts
     assert fingerprint(ExperimentConfig(), ft, started, validate) != with_means
+    detail = AddDetail(images={"fog": str(tmp_path / "fog")})
+    with_detail = fingerprint(ExperimentConfig(), ft, gen, validate, detail)
+    assert with_detail != base
+    assert fingerprint(ExperimentConfig(), ft, gen, validate, detail.model_copy(update={"above": 0.2})) != with_detail
+    (tmp_path / "fog" / "a.png").write_bytes(b"image 3")  # other real images: other detail
+    assert fingerprint(ExperimentConfig(), ft, gen, validate, detail) != with_detail
+    assert fingerprint(ExperimentConfig(), ft, None, validate, None) == unaffected  # the real arm ignores it
     weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
     assert fingerprint(ExperimentConfig(), ft, gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, None, validate) != unaffected

@@ -367,6 +367,11 @@ class TrainGeneratorConfig(Section):
     text_layers: PositiveInt = 2
     unet_channels: list[PositiveInt] = Field(default_factory=lambda: [48, 96, 96], min_length=2, max_length=4)
     unet_layers: PositiveInt = 1
+    unet_attention_finest: bool = Field(
+        False,
+        description="Cross-attention to the caption at the finest latent level too (16 x 16 for 64 px images), "
+        "where shapes' outlines are drawn; by default only the coarser levels attend to it.",
+    )
     unet_steps: Annotated[int, Field(ge=0)] = 2600
     unet_batch: PositiveInt = 64
     unet_lr: Annotated[float, Field(gt=0, le=1)] = 5e-4

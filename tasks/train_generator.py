@@ -134,8 +134,9 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1)
-    up = ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",)
+    plain = 0 if cfg.unet_attention_finest else 1  # levels without cross-attention, from the finest
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - plain)
+    up = ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - plain) + ("UpBlock2D",) * plain
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // 2 ** (blocks - 1),
         in_channels=cfg.latent_channels,

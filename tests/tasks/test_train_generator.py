@@ -134,6 +134,16 @@ def test_the_unets_settings_leave_the_autoencoder_alone(tmp_path: Path) -> None:
     assert weights(tmp_path / "a", "unet") != weights(tmp_path / "b", "unet")
 
 
+def test_the_finest_level_can_attend_to_the_caption(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    cfg = TINY.model_copy(update={"unet_attention_finest": True})
+    train_generator(images, captions, cfg, tmp_path / "g", progress=False)
+    unet = load_pipeline(GenerateConfig(model=str(tmp_path / "g"))).pipe.unet
+    assert unet.config.down_block_types == ["CrossAttnDownBlock2D"] * 2
+    assert unet.config.up_block_types == ["CrossAttnUpBlock2D"] * 2
+    assert hasattr(unet.down_blocks[0], "attentions")  # the 16 x 16 level attends to the text
+
+
 def test_an_autoencoder_can_be_reused_and_must_fit(tmp_path: Path) -> None:
     images, captions = captioned(6)
     train_generator(images, captions, TINY, tmp_path / "a", progress=False)

@@ -395,6 +395,11 @@ class TrainGeneratorConfig(Section):
         "Otherwise the last step leaks each image's mean, the UNet learns to rely on it, and sampling from "
         "pure noise pulls every image toward mid-grey: pale nights, thin fog.",
     )
+    v_prediction: bool = Field(
+        False,
+        description="Train the UNet to predict v (the velocity) instead of the noise, on the usual schedule; "
+        "zero_terminal_snr implies it.",
+    )
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.998
 
 

@@ -156,7 +156,7 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
         beta_start=0.00085,
         beta_end=0.012,
         rescale_betas_zero_snr=zero,
-        prediction_type="v_prediction" if zero else "epsilon",
+        prediction_type="v_prediction" if zero or cfg.v_prediction else "epsilon",
         timestep_spacing="trailing" if zero else "leading",
     )
     return vae, tokenizer, text_encoder, unet, noise

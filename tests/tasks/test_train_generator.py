@@ -89,6 +89,10 @@ def test_the_unet_learns_v_at_zero_terminal_snr_and_epsilon_otherwise() -> None:
     plain = build_parts(TINY, ["a"])[-1]
     target, weight = target_and_weight(plain, z0, eps, t, gamma=5.0)
     assert torch.equal(target, eps)
+    velocity = build_parts(TINY.model_copy(update={"v_prediction": True}), ["a"])[-1]
+    assert velocity.config.prediction_type == "v_prediction"
+    assert float(velocity.alphas_cumprod[-1]) > 1e-3  # the usual schedule: some signal left at the end
+    assert torch.allclose(target_and_weight(velocity, z0, eps, t, 5.0)[0], velocity.get_velocity(z0, eps, t))
     assert weight[0] == pytest.approx(1.0) and 0 < weight[1] < 0.01  # min-SNR: easy steps count less
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.config import FinetuneConfig, Params
+from tasks.config import FinetuneConfig, ImagesByValue, Params
 from tasks.shards import MapShards
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, atomic_path, write_parquet_atomic, write_text_atomic
@@ -95,6 +95,19 @@ def git_sha(folder: Path | None = None) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def check_images_by_value(spec: ImagesByValue, field: str, params: Params) -> None:
+    """``spec.axis`` must be an axis of prompts, and every image ``spec`` names must be there.
+
+    Raises:
+        ValueError / FileNotFoundError: naming ``<field>.axis`` or ``<field>.images``.
+    """
+    from tasks.generation import images_by_value
+
+    if spec.axis not in params.prompts.axes:
+        raise ValueError(f"{field}.axis: {spec.axis!r} is not an axis of prompts (axes: {sorted(params.prompts.axes)})")
+    images_by_value(spec, f"{field}.images")
+
+
 def preflight(params: Params, names: tuple[str, ...]) -> None:
     """Check every input the given stages will read, before any heavy work starts.
 
@@ -102,7 +115,7 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         FileNotFoundError / ValueError: naming the field and the file, as the stage itself would.
     """
     from tasks.dataset import find_real_images
-    from tasks.generation import images_by_value, resolve_model_dir, start_mean_sources
+    from tasks.generation import resolve_model_dir
     from tasks.prompts import expand_prompts
     from tasks.validation import load_detector, worker_detector
 
@@ -110,23 +123,14 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         expand_prompts(params.prompts)  # quotas, control characters: milliseconds
     if "generate" in names:
         resolve_model_dir(params.generate.model)
-        start = params.generate.start_means
-        if start and start.axis not in params.prompts.axes:
-            raise ValueError(
-                f"generate.start_means.axis: {start.axis!r} is not an axis of prompts (axes: {sorted(params.prompts.axes)})"
-            )
-        start_mean_sources(params.generate)
+        if params.generate.start_means:
+            check_images_by_value(params.generate.start_means, "generate.start_means", params)
     if "validate" in names:  # kept in this process's cache: the validate stage takes this copy
         worker_detector(params.validate_.model, params.validate_.device, "validate.model")
     if "dataset" in names and params.dataset.real is not None and params.dataset.real_ratio > 0:
         find_real_images(params.dataset.real, len(params.prompts.classes))
     if "dataset" in names and params.dataset.detail is not None:
-        detail = params.dataset.detail
-        if detail.axis not in params.prompts.axes:
-            raise ValueError(
-                f"dataset.detail.axis: {detail.axis!r} is not an axis of prompts (axes: {sorted(params.prompts.axes)})"
-            )
-        images_by_value(detail, "dataset.detail.images")
+        check_images_by_value(params.dataset.detail, "dataset.detail", params)
     if "finetune" in names:
         checked = "validate" in names and params.finetune.model == params.validate_.model
         if not params.finetune.model.endswith(".yaml") and not checked:

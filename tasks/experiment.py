@@ -520,7 +520,7 @@ def synthetic_candidates(
     validate: ValidateConfig,
     cfg: ExperimentConfig,
     cache_dir: Path,
-    detail_dir: Path | None = None,
+    detail_dir: Path,
 ) -> list[Item]:
     """The synthetic images a trial may draw from, labelled by ``labeller`` (and, except for the
     unfiltered arm, accepted by it at ``trial.conf``). Detections are cached per weights and threshold.
@@ -540,9 +540,6 @@ def synthetic_candidates(
         items = refine_boxes(items, labeller, sources.class_names, validate.model_copy(update={"conf": floor}))
     if sources.grains:  # labelled on the clean image, trained on it with real detail added
         from tasks.detail import add_detail
-
-        if detail_dir is None:
-            raise ValueError("synthetic_candidates: sources.grains is set, so detail_dir is needed")
 
         axis = dict(zip(generated["path"], generated[sources.grain_axis], strict=True))
         paths = add_detail([i.path for i in items], [axis[i.path] for i in items], sources.grains, 0, detail_dir)

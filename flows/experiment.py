@@ -79,10 +79,7 @@ def run_trial(
                            / "train" / "weights" / "last.pt")  # fmt: skip
         candidates = ex.synthetic_candidates(trial, labeller, sources, ctx.params.validate_, cfg, ctx.ws.detections,
                                              ctx.ws.detailed)  # fmt: skip
-    ceiling_n = None
-    if trial.arm == "ceiling":
-        twin = done[(done.get("arm") == "adapted") & (done["k"] == trial.k) & (done["seed"] == trial.seed)]
-        ceiling_n = int(twin["n_extra"].iloc[0]) if len(twin) else None
+    ceiling_n = ex.adapted_count(done, trial) if trial.arm == "ceiling" else None
     tags = {"synthdet.stage": "experiment", "synthdet.experiment": cfg.name, **ctx.owner_tags()}
     with ctx.tracker.run(trial.key, parent=parent, tags=tags) as run_id:
         row, _ = ex.run_trial(trial, cfg, ft, sources, sets, out_dir / trial.key, candidates, ceiling_n)

@@ -500,6 +500,15 @@ def trial_data(
     return data
 
 
+def adapted_count(done: pd.DataFrame, trial: Trial) -> int | None:
+    """How many synthetic images the ``adapted`` trial of ``trial``'s k and seed trained on, or None if
+    ``done`` (the finished trials) has none: the ceiling then gets the nominal share."""
+    if done.empty:  # a fresh experiment: the stored table has no columns but key and fingerprint yet
+        return None
+    twin = done[(done["arm"] == "adapted") & (done["k"] == trial.k) & (done["seed"] == trial.seed)]
+    return int(twin["n_extra"].iloc[0]) if len(twin) else None
+
+
 def load_sources(cfg: ExperimentConfig, class_names: list[str], generated: pd.DataFrame | None) -> Sources:
     """Read the data sets the config names (the ceiling pool only if the ceiling arm runs)."""
     real = read_yolo_folder(cfg.real, cfg.rare_conditions)

@@ -14,6 +14,7 @@ from tasks.experiment import (
     Item,
     Trial,
     TrialData,
+    adapted_count,
     balanced_sample,
     box_iou,
     goal_lines,
@@ -37,6 +38,21 @@ def test_plan_orders_inputs_first_and_runs_start_once() -> None:
 def test_unknown_arm_fails_at_load() -> None:
     with pytest.raises(ValueError, match="arms"):
         ExperimentConfig(arms=["validatd"])
+
+
+def test_ceiling_size_follows_the_adapted_twin_or_the_nominal_share() -> None:
+    ceiling = Trial("ceiling", 10, 1, 1.0, 0.25)
+    fresh = pd.DataFrame(columns=["key", "fingerprint"])  # what the flow starts from in a new experiment
+    assert adapted_count(fresh, ceiling) is None
+    done = pd.DataFrame(
+        [
+            {"key": "a", "arm": "adapted", "k": 10, "seed": 0, "n_extra": 61},
+            {"key": "b", "arm": "adapted", "k": 10, "seed": 1, "n_extra": 70},
+            {"key": "c", "arm": "real", "k": 10, "seed": 1, "n_extra": 0},
+        ]
+    )
+    assert adapted_count(done, ceiling) == 70
+    assert adapted_count(done, Trial("ceiling", 30, 1, 1.0, 0.25)) is None
 
 
 def test_balanced_sample_takes_every_cell_in_turn() -> None:

@@ -127,6 +127,10 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
             check_images_by_value(params.generate.start_means, "generate.start_means", params)
     if "validate" in names:  # kept in this process's cache: the validate stage takes this copy
         worker_detector(params.validate_.model, params.validate_.device, "validate.model")
+        if params.validate_.standardise:
+            from tasks.validation import reference_stats
+
+            reference_stats(params.validate_.standardise)
     if "dataset" in names and params.dataset.real is not None and params.dataset.real_ratio > 0:
         find_real_images(params.dataset.real, len(params.prompts.classes))
     if "dataset" in names and params.dataset.detail is not None:

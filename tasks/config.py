@@ -188,6 +188,20 @@ class GenerateConfig(Section):
 # ---------------------------------------------------------------------------------------------
 # validate
 # ---------------------------------------------------------------------------------------------
+class Standardise(Section):
+    """Reference images whose colour statistics every image is rescaled to before the validator sees it.
+
+    A validator trained on common conditions misses objects in scenes that are only darker or washed
+    out (night, fog): each channel of each image is shifted and scaled to the mean and spread of these
+    images, the kind the validator was trained on. Only what the validator sees changes: the dataset keeps
+    the generated image, and the boxes are the same in both.
+    """
+
+    images: Path = Field(..., description="A folder of images like the validator's training images (searched "
+                                          "recursively, in name order).")  # fmt: skip
+    max_images: PositiveInt = Field(200, description="Use at most the first N images.")
+
+
 class ValidateConfig(Section):
     """A YOLO detector that accepts or rejects each generated image and labels the accepted."""
 
@@ -206,6 +220,9 @@ class ValidateConfig(Section):
     max_objects: PositiveInt | None = Field(None, description="Reject images with more detections.")
     min_box_area: Fraction = Field(0.0, description="Smallest box of the intended class, as a share of the image.")
     reject_unexpected: bool = Field(False, description="Reject images where a class not prompted is detected.")
+    standardise: Standardise | None = Field(
+        None, description="Rescale each image's colours to these reference images' before detecting (night, fog)."
+    )
     check_layout: bool = Field(
         True,
         description="Where prompts ask for a place or a size (prompt axes 'position' and 'size', in the words of "

@@ -133,6 +133,12 @@ def fingerprint(
         "validate": validate.model_dump(mode="json"),
         "models": {m: model_digest(m) for m in models if m},
     }
+    if validate.standardise is None:  # trials run before the field existed
+        del settings["validate"]["standardise"]
+    else:  # the reference images' statistics, not just their folder
+        from tasks.validation import reference_stats
+
+        settings["standardise"] = reference_stats(validate.standardise)
     if generate is not None:
         settings["generate"] = generate.model_dump(mode="json", exclude={"device", "batch_size", "retries",
                                                                          "retry_backoff_s"})  # fmt: skip
@@ -276,15 +282,19 @@ def refine_boxes(items: Sequence[Item], labeller: str, class_names: list[str], v
     """Items with their boxes merged with the labeller's boxes on the mirrored images (:func:`merge_mirrored`)."""
     from PIL import Image
 
-    from tasks.validation import load_detector, resolve_class_map
+    from tasks.validation import load_detector, reference_stats, resolve_class_map, standardised
 
     detector = load_detector(labeller, "experiment labeller")
     to_dataset = resolve_class_map(class_names, detector.names, validate.class_map)
+    stats = reference_stats(validate.standardise) if validate.standardise else None
+
+    def bgr(path: str) -> np.ndarray:  # what the labeller saw when it made the boxes
+        return standardised(Path(path), stats) if stats else np.asarray(Image.open(path).convert("RGB"))[..., ::-1]
+
     out: list[Item] = []
     for start in range(0, len(items), validate.batch):
         chunk = items[start : start + validate.batch]
-        # ultralytics takes numpy images as BGR; [:, ::-1] mirrors left to right
-        arrays = [np.ascontiguousarray(np.asarray(Image.open(i.path).convert("RGB"))[:, ::-1, ::-1]) for i in chunk]
+        arrays = [np.ascontiguousarray(bgr(i.path)[:, ::-1]) for i in chunk]  # mirrored left to right
         predictions = detector.model.predict(arrays, imgsz=validate.imgsz, conf=validate.conf, iou=validate.iou,
                                              device=validate.device, verbose=False)  # fmt: skip
         for item, pred in zip(chunk, predictions, strict=True):

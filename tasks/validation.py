@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from tasks.config import ValidateConfig
+from tasks.config import Standardise, ValidateConfig
 from tasks.layout import agrees, position_word, size_word
 from tasks.retry import with_retries
 from tasks.shards import MapShards, chunks, shard_device, worker_cache
@@ -98,9 +98,47 @@ def resolve_class_map(
     return detector_to_dataset
 
 
-def _settings_key(detector: LoadedDetector, cfg: ValidateConfig) -> str:
-    key = json.dumps([detector.model_hash, cfg.conf, cfg.iou, cfg.imgsz])
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+# Per channel (R, G, B): the mean over the reference images, and the mean of their per-image spreads.
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def _settings_key(detector: LoadedDetector, cfg: ValidateConfig, stats: Stats | None = None) -> str:
+    settings: list[Any] = [detector.model_hash, cfg.conf, cfg.iou, cfg.imgsz]
+    if stats is not None:  # appended only when set, so the keys of unstandardised detections stay as they were
+        settings.append(stats)
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+
+
+def reference_stats(spec: Standardise, field: str = "validate.standardise.images") -> Stats:
+    """The colour statistics ``validate.standardise`` rescales every image to (rounded, so they key caches).
+
+    Raises:
+        FileNotFoundError: naming ``field``, when the folder is missing or holds no images.
+    """
+    from PIL import Image
+
+    from tasks.dataset import IMAGE_SUFFIXES
+
+    if not spec.images.is_dir():
+        raise FileNotFoundError(f"{field}: {spec.images}: no such folder")
+    files = sorted(p for p in spec.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: spec.max_images]
+    if not files:
+        raise FileNotFoundError(f"{field}: {spec.images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    pixels = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float64).reshape(-1, 3) for f in files]
+    mean = np.mean([p.mean(axis=0) for p in pixels], axis=0)
+    spread = np.mean([p.std(axis=0) for p in pixels], axis=0)
+    return tuple(round(float(v), 3) for v in mean), tuple(round(float(v), 3) for v in spread)  # type: ignore[return-value]
+
+
+def standardised(path: Path, stats: Stats) -> np.ndarray:
+    """The image at ``path`` with each channel shifted and scaled to ``stats``' mean and spread, as the
+    BGR uint8 array ultralytics takes (it reads a numpy image as OpenCV does)."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    mean, spread = np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32)
+    scaled = (image - image.mean(axis=(0, 1))) / (image.std(axis=(0, 1)) + 1e-3) * spread + mean
+    return np.ascontiguousarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)[..., ::-1])
 
 
 def worker_detector(path: str, device: str, field: str = "validate.model") -> LoadedDetector:
@@ -164,13 +202,20 @@ def detect(
             runner; each worker loads the detector from its path); None runs them here with ``detector``.
         shard_size: images per shard (rounded up to whole batches).
     """
-    key = _settings_key(detector, cfg)
+    stats = reference_stats(cfg.standardise) if cfg.standardise else None
+    key = _settings_key(detector, cfg, stats)
     cache_dir.mkdir(parents=True, exist_ok=True)
     results = read_cached(cache_dir, key, paths)
     todo = [i for i, r in enumerate(results) if r is None]
     shards = chunks(todo, -(-shard_size // cfg.batch) * cfg.batch)
     work = functools.partial(
-        detect_shard, cfg=cfg, cache_dir=cache_dir, key=key, model=detector.path, expected_hash=detector.model_hash
+        detect_shard,
+        cfg=cfg,
+        cache_dir=cache_dir,
+        key=key,
+        model=detector.path,
+        expected_hash=detector.model_hash,
+        stats=stats,
     )
     if map_shards is None:
         with tqdm(total=len(todo), desc="validate", unit="img", disable=not progress) as bar:
@@ -192,6 +237,7 @@ def detect_shard(
     expected_hash: str,
     detector: LoadedDetector | None = None,
     on_batch: Callable[[int], Any] | None = None,
+    stats: Stats | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Detect objects in one shard of images, in batches, caching each image's detections under ``key``.
 
@@ -200,6 +246,7 @@ def detect_shard(
     Args:
         model: the detector's path, loaded once per process when ``detector`` is None.
         expected_hash: the weights' hash ``key`` was made with; a worker whose copy differs refuses.
+        stats: from :func:`reference_stats`: the detector sees each image :func:`standardised` to them.
     """
     device = cfg.device if detector else shard_device(cfg.device)
     detector = detector or worker_detector(model, cfg.device)
@@ -221,8 +268,9 @@ def detect_shard(
             continue
 
         def predict(chunk: list[int] = chunk) -> list[Any]:
+            images = [standardised(paths[i], stats) if stats else str(paths[i]) for i in chunk]
             return detector.model.predict(
-                [str(paths[i]) for i in chunk],
+                images,
                 imgsz=cfg.imgsz,
                 conf=cfg.conf,
                 iou=cfg.iou,

@@ -99,7 +99,9 @@ def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
 
 
 def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
-    from tasks.config import AddDetail, FinetuneConfig, GenerateConfig, ValidateConfig
+    from PIL import Image
+
+    from tasks.config import AddDetail, FinetuneConfig, GenerateConfig, Standardise, ValidateConfig
     from tasks.experiment import fingerprint
 
     weights = tmp_path / "a.pt"
@@ -131,6 +133,13 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     (tmp_path / "fog" / "a.png").write_bytes(b"image 3")  # other real images: other detail
     assert fingerprint(ExperimentConfig(), ft, gen, validate, detail) != with_detail
     assert fingerprint(ExperimentConfig(), ft, None, validate, None) == unaffected  # the real arm ignores it
+    (tmp_path / "common").mkdir()
+    Image.new("RGB", (8, 8), (90, 100, 110)).save(tmp_path / "common" / "a.png")
+    rescaled = validate.model_copy(update={"standardise": Standardise(images=tmp_path / "common")})
+    with_standardise = fingerprint(ExperimentConfig(), ft, gen, rescaled)
+    assert with_standardise != base
+    Image.new("RGB", (8, 8), (30, 100, 110)).save(tmp_path / "common" / "a.png")  # other colours: other labels
+    assert fingerprint(ExperimentConfig(), ft, gen, rescaled) != with_standardise
     weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
     assert fingerprint(ExperimentConfig(), ft, gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, None, validate) != unaffected

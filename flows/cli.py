@@ -119,7 +119,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  accepted     {v['accepted']} of {v['validated']} ({v['acceptance_rate']:.0%})")
     if "dataset" in summary:
         d = summary["dataset"]
-        lines.append(f"  dataset      {d['train']} train / {d['val']} val ({d['real']} real)")
+        restyled = f", {d['restyled']} of them recoloured" if d.get("restyled") else ""
+        lines.append(f"  dataset      {d['train']} train / {d['val']} val ({d['real']} real{restyled})")
     if "version" in summary:
         v = summary["version"]
         pushed = "pushed" if v["pushed"] else "NOT pushed (synthdet datasets push)"
@@ -328,7 +329,8 @@ def experiment(
     workspace: WorkspaceOption = None,
     name: Annotated[str | None, typer.Option(help="Results folder experiments/NAME (default experiment.name).")] = None,
     arms: Annotated[
-        str | None, typer.Option(help="Comma-separated: start, real, unfiltered, validated, adapted, ceiling.")
+        str | None,
+        typer.Option(help="Comma-separated: start, real, restyled, unfiltered, validated, adapted, ceiling."),
     ] = None,
     k: Annotated[str | None, typer.Option("--k", help="Comma-separated numbers of scarce real rare images.")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="Run seeds 0..N-1 (default experiment.seeds).")] = None,
@@ -340,6 +342,7 @@ def experiment(
     Each arm is fine-tuned from finetune.model with the same number of optimizer steps:
     start: the starting weights as they are (not trained)
     real: k scarce real rare images plus common-image replay
+    restyled: real + common images recoloured to the rare conditions' colours (dataset.restyle; no generator)
     unfiltered: real + synthetic rare images labelled at a low threshold, no filter
     validated: real + synthetic images the starting detector accepted and labelled
     adapted: real + synthetic images accepted and labelled by the real arm's model, balanced by class x condition

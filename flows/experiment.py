@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from flows import stages
 from flows.pipeline import LOCK_WAIT_S, open_context, reap_crashed
 from tasks import experiment as ex
-from tasks.config import ExperimentConfig, FinetuneConfig
+from tasks.config import ARMS, ExperimentConfig, FinetuneConfig
 from tasks.workspace import workspace_lock, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 def trained(ctx: stages.StageContext, cfg: ExperimentConfig) -> FinetuneConfig:
     """The finetune section every trained arm uses: the pipeline's, at the experiment's learning rate."""
     return ctx.params.finetune.model_copy(update={"lr0": cfg.lr0 or ctx.params.finetune.lr0})
+
+
+def fingerprint_of(ctx: stages.StageContext, cfg: ExperimentConfig, arm: str) -> str:
+    """What an arm's stored trials depend on besides their key (:func:`tasks.experiment.fingerprint`)."""
+    uses = ex.arm_uses_generator(arm)
+    return ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate if uses else None, ctx.params.validate_,
+                          ctx.params.dataset.detail if uses else None,
+                          ctx.params.dataset.restyle if ex.arm_uses_restyle(arm) else None)  # fmt: skip
 
 
 def configure(base: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig:
@@ -116,7 +124,7 @@ def experiment(
         params: The params file, relative to the folder the flow runs in.
         workspace: Write everything here instead of the params file's workspace.
         name: Names the results folder, experiments/NAME (default experiment.name).
-        arms: Arms to run, from start, real, unfiltered, validated, adapted, ceiling.
+        arms: Arms to run, from start, real, restyled, unfiltered, validated, adapted, ceiling.
         k: Numbers of scarce real rare images.
         seeds: Seeds; every arm runs once per seed.
         steps: Optimizer steps per fine-tuned trial.
@@ -124,6 +132,8 @@ def experiment(
     ctx = open_context(params, workspace)
     cfg = configure(ctx.params.experiment, {"name": name, "arms": arms, "k": k, "seeds": seeds, "steps": steps})
     ctx.params = ctx.params.model_copy(update={"experiment": cfg})
+    if "restyled" in cfg.arms and ctx.params.dataset.restyle is None:
+        raise ValueError("experiment.arms: the restyled arm needs dataset.restyle (the images whose colours it takes)")
     with workspace_lock(ctx.ws.root, wait_s=LOCK_WAIT_S):
         reap_crashed(ctx)
         return _run(ctx, cfg)
@@ -138,11 +148,10 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     trials = ex.plan_trials(cfg)
     results_path = out_dir / "results.parquet"
     done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
-    detail = ctx.params.dataset.detail
-    fp = {uses: ex.fingerprint(cfg, trained(ctx, cfg), ctx.params.generate if uses else None, ctx.params.validate_,
-                               detail if uses else None) for uses in (True, False)}  # fmt: skip
-    stale = pd.Series([row.get("fingerprint") != fp[ex.arm_uses_generator(row["arm"])]
-                       for row in done.to_dict("records")], index=done.index, dtype=bool)  # fmt: skip
+    detail, restyle = ctx.params.dataset.detail, ctx.params.dataset.restyle
+    fp = {arm: fingerprint_of(ctx, cfg, arm) for arm in ARMS}
+    stale = pd.Series([row.get("fingerprint") != fp[row["arm"]] for row in done.to_dict("records")], index=done.index,
+                      dtype=bool)  # fmt: skip
     if stale.any():
         logger.warning("experiment %s: %d stored trials were made with other settings; they run again",
                        cfg.name, int(stale.sum()))  # fmt: skip
@@ -171,6 +180,12 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
             logger.info("experiment %s: real fine detail added to the synthetic images of %s (grain std %s)",
                         cfg.name, ", ".join(sources.grains), {v: round(float(g.std.mean()), 3)
                                                               for v, g in sources.grains.items()})  # fmt: skip
+        if restyle is not None and any(ex.arm_uses_restyle(t.arm) and t.arm != "ceiling" for t in todo):
+            from tasks.restyle import restyle_stats
+
+            sources.restyle = ex.Restyling(restyle_stats(restyle), restyle.share, ctx.ws.restyled)
+            logger.info("experiment %s: common images recoloured to the colours of %s", cfg.name,
+                        ", ".join(sources.restyle.colours))  # fmt: skip
         sets = ex.held_out_sets(cfg)
         logger.info("experiment %s: %d trials, %d already done", cfg.name, len(trials), len(trials) - len(todo))
         for row in done[done["key"].isin({t.key for t in trials})].to_dict("records"):
@@ -178,7 +193,7 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
         rows = done.to_dict("records")
         for trial in todo:
             row = run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent)
-            rows.append({**row, "fingerprint": fp[ex.arm_uses_generator(trial.arm)]})
+            rows.append({**row, "fingerprint": fp[trial.arm]})
             done = pd.DataFrame(rows)
             write_parquet_atomic(done, results_path)
         results = done[done["key"].isin({t.key for t in trials})]

@@ -135,6 +135,8 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         find_real_images(params.dataset.real, len(params.prompts.classes))
     if "dataset" in names and params.dataset.detail is not None:
         check_images_by_value(params.dataset.detail, "dataset.detail", params)
+    if "dataset" in names and params.dataset.restyle is not None:
+        check_images_by_value(params.dataset.restyle, "dataset.restyle", params)
     if "finetune" in names:
         checked = "validate" in names and params.finetune.model == params.validate_.model
         if not params.finetune.model.endswith(".yaml") and not checked:
@@ -250,8 +252,10 @@ def dataset(ctx: StageContext) -> dict[str, Any]:
     with ctx.stage_run("dataset") as run_id:
         result = build_dataset(validated, class_names(ctx.params), ctx.params.dataset, ctx.out("dataset"))
         ctx.tracker.log_metrics(
-            run_id, {"train": result.train, "val": result.val, "synthetic": result.synthetic, "real": result.real}
-        )
+            run_id,
+            {"train": result.train, "val": result.val, "synthetic": result.synthetic, "real": result.real,
+             "restyled": result.restyled},
+        )  # fmt: skip
         ctx.tracker.log_artifact(run_id, result.data_yaml)
         ctx.tracker.log_artifact(run_id, result.path / "manifest.parquet")
     return {
@@ -259,6 +263,7 @@ def dataset(ctx: StageContext) -> dict[str, Any]:
         "val": result.val,
         "synthetic": result.synthetic,
         "real": result.real,
+        "restyled": result.restyled,
         "path": str(result.path),
     }
 

@@ -266,6 +266,25 @@ class DatasetConfig(Section):
         description="Add real images' fine detail to the accepted images (after validation); off: it "
         "made worse training data in the ablation (docs/experiment.md).",
     )
+    restyle: Restyle | None = Field(
+        None, description="Add real images recoloured to the colours of each value's reference images (needs real)."
+    )
+
+
+class Restyle(ImagesByValue):
+    """Real labelled images recoloured to the colours of a few real images of each attribute value.
+
+    Each copy of a real image (``dataset.real``; in the experiment, its replay images) keeps its true
+    boxes and takes the per-channel mean and spread of the reference images of one value, the values
+    taken in turn: common scenes given the colours of fog, of night. The cheapest synthetic rare image
+    there is, and the baseline a generator has to beat (docs/experiment.md, "Recoloured common images").
+    """
+
+    share: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        1.0,
+        description="Recoloured images per accepted synthetic image (the experiment: per real training image, "
+        "as its synthetic share).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,16 +464,17 @@ class RunnerConfig(Section):
 # real + synthetic labelled at a low threshold, no filter; validated: real + synthetic the starting
 # detector accepted and labelled; adapted: real + synthetic accepted and labelled by the `real` arm's
 # model (a labeller adapted on the scarce real set), balanced by class and condition; ceiling: real +
-# as many more real rare images with true labels as the synthetic arms get.
-ARMS = ("start", "real", "unfiltered", "validated", "adapted", "ceiling")
-Arm = Literal["start", "real", "unfiltered", "validated", "adapted", "ceiling"]
+# as many more real rare images with true labels as the synthetic arms get; restyled (not run unless
+# asked): real + common images recoloured to the rare conditions' colours (dataset.restyle), no generator.
+ARMS = ("start", "real", "restyled", "unfiltered", "validated", "adapted", "ceiling")
+Arm = Literal["start", "real", "restyled", "unfiltered", "validated", "adapted", "ceiling"]
 
 
 class ExperimentConfig(Section):
     """The ablation: arms fine-tuned from ``finetune.model`` with one step budget, scored on held-out real sets."""
 
     name: Name = Field("ablation", description="Results go to <workspace>/experiments/<name>/.")
-    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1)
+    arms: list[Arm] = Field(default_factory=lambda: [a for a in ARMS if a != "restyled"], min_length=1)
     k: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0, 10, 30], min_length=1, description="Scarce real rare images (first k of `real`)."
     )
@@ -516,6 +536,16 @@ class Params(Section):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _restyle_needs(self) -> Params:
+        if self.dataset.restyle is not None and self.dataset.real is None:
+            raise ValueError("dataset.restyle: recolours the real images of dataset.real, which is not set")
+        if "restyled" in self.experiment.arms and self.dataset.restyle is None:
+            raise ValueError(
+                "experiment.arms: the restyled arm needs dataset.restyle (the images whose colours it takes)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _layout_words(self) -> Params:

@@ -59,7 +59,8 @@ class DatasetResult:
     train: int
     val: int
     synthetic: int
-    real: int
+    real: int  # real images mixed in, the recoloured ones included
+    restyled: int = 0  # real images recoloured to a value's colours (dataset.restyle)
 
 
 def split_of(image: str, seed: int, val_fraction: float) -> str:
@@ -127,7 +128,9 @@ def find_real_images(real_dir: Path, num_classes: int) -> pd.DataFrame:
 
 
 def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetConfig, out_dir: Path) -> DatasetResult:
-    """Write a YOLO dataset of the accepted images, plus real ones at ``cfg.real_ratio``.
+    """Write a YOLO dataset of the accepted images, plus real ones at ``cfg.real_ratio`` and, with
+    ``cfg.restyle``, real ones recoloured to each of its values' colours in turn (``restyle.share`` per
+    accepted image; :mod:`tasks.restyle`).
 
     Args:
         validated: the validate stage's table (accepted, image_id, path, label_path, ...).
@@ -143,11 +146,23 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         raise ValueError("dataset: no accepted images to build a dataset from (see the validate stage's reasons)")
     synthetic["source"] = "synthetic"
     parts = [synthetic]
-    if cfg.real is not None and cfg.real_ratio > 0:
-        real = find_real_images(cfg.real, len(class_names))
+    mixes_real = cfg.real is not None and (cfg.real_ratio > 0 or cfg.restyle is not None)
+    real = find_real_images(cfg.real, len(class_names)) if mixes_real else None
+    if real is not None and cfg.real_ratio > 0:
         wanted = min(len(real), round(cfg.real_ratio * len(synthetic)))
         order = np.random.default_rng(cfg.seed).permutation(len(real))[:wanted]
         parts.append(real.iloc[sorted(order)])
+    colours = {}
+    if cfg.restyle is not None and real is not None:  # real images to recolour, each to the next value's colours
+        from tasks.restyle import restyle_stats
+
+        colours = restyle_stats(cfg.restyle)
+        wanted = min(len(real), round(cfg.restyle.share * len(synthetic)))
+        restyled = real.iloc[sorted(np.random.default_rng([cfg.seed, 1]).permutation(len(real))[:wanted])].copy()
+        restyled["restyle"] = [list(colours)[i % len(colours)] for i in range(len(restyled))]
+        restyled["image_id"] = "restyled_" + restyled["restyle"] + "_" + restyled["image_id"]
+        restyled["source"] = "restyled"
+        parts.append(restyled)
     table = pd.concat(parts, ignore_index=True)
     table["split"] = [split_of(i, cfg.seed, cfg.val_fraction) for i in table["image_id"]]
     grains = {}
@@ -171,8 +186,12 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         dest = f"{row['split']}/{row['image_id']}"
         (staging / "images" / row["split"]).mkdir(parents=True, exist_ok=True)
         (staging / "labels" / row["split"]).mkdir(parents=True, exist_ok=True)
-        suffix = ".png" if row["detail"] else image.suffix.lower()
-        if row["detail"]:
+        suffix = ".png" if row["detail"] or row["source"] == "restyled" else image.suffix.lower()
+        if row["source"] == "restyled":
+            from tasks.colour import rescaled
+
+            Image.fromarray(rescaled(image, colours[row["restyle"]])).save(staging / "images" / f"{dest}.png")
+        elif row["detail"]:
             from tasks.detail import grained_copy
 
             grained_copy(image, grains[str(row[cfg.detail.axis])], cfg.seed, staging / "images" / f"{dest}.png")
@@ -182,7 +201,8 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         table.loc[index, "file"] = f"images/{dest}{suffix}"
     data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(class_names))}
     (staging / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    manifest = table[["file", "split", "source", "detail", *[c for c in PROVENANCE if c in table]]]
+    restyle_column = ["restyle"] if colours else []  # the value whose colours a recoloured image took
+    manifest = table[["file", "split", "source", "detail", *restyle_column, *[c for c in PROVENANCE if c in table]]]
     manifest.sort_values("file").to_parquet(staging / "manifest.parquet", index=False)
 
     old = out_dir.with_name(f".{out_dir.name}.old")
@@ -199,4 +219,5 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         val=int(counts.get("val", 0)),
         synthetic=len(synthetic),
         real=len(table) - len(synthetic),
+        restyled=int((table["source"] == "restyled").sum()),
     )

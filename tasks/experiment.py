@@ -14,7 +14,8 @@ Arms (``tasks.config.ARMS``): ``start`` (the starting weights as they are), ``re
 ``validated`` (+ synthetic images the starting detector accepts at ``conf``, labelled by it),
 ``adapted`` (+ synthetic images accepted and labelled by the ``real`` arm's model of the same k and
 seed, boxes refined on mirrored images, balanced over class x condition cells) and ``ceiling`` (+ as
-many real rare images with true labels).
+many real rare images with true labels). With ``dataset.restyle`` set, the synthetic arms also get common
+images recoloured to the rare conditions' colours, and the ``restyled`` arm gets those alone (no generator).
 
 Plain Python: the flow (``flows/experiment.py``) generates the synthetic images, runs the trials and
 tracks them.
@@ -36,7 +37,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tasks.config import AddDetail, ExperimentConfig, FinetuneConfig, GenerateConfig, PromptsConfig, ValidateConfig
+from tasks.colour import Stats
+from tasks.config import (
+    ARMS,
+    AddDetail,
+    ExperimentConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    PromptsConfig,
+    Restyle,
+    ValidateConfig,
+)
 from tasks.dataset import IMAGE_SUFFIXES
 from tasks.detail import Grain
 
@@ -70,6 +81,12 @@ def arm_uses_generator(arm: str) -> bool:
     return arm in ("unfiltered", "validated", "adapted", "ceiling")
 
 
+def arm_uses_restyle(arm: str) -> bool:
+    """An arm's figures depend on ``dataset.restyle``: it trains on recoloured images (or, the ceiling,
+    on as many real ones as adapted had synthetic and recoloured ones)."""
+    return arm in ("restyled", "unfiltered", "validated", "adapted", "ceiling")
+
+
 def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
     """Every trial the config asks for, in an order where each trial's inputs come first.
 
@@ -96,7 +113,7 @@ def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
             add(Trial(cfg.sweep_arm, cfg.sweep_k, seed, share, cfg.conf))
         for conf in cfg.thresholds:
             add(Trial(cfg.sweep_arm, cfg.sweep_k, seed, cfg.synthetic_share, conf))
-    order = {arm: i for i, arm in enumerate(("start", "real", "unfiltered", "validated", "adapted", "ceiling"))}
+    order = {arm: i for i, arm in enumerate(ARMS)}
     return sorted(trials, key=lambda t: order[t.arm])  # stable: config order within an arm
 
 
@@ -117,6 +134,7 @@ def fingerprint(
     generate: GenerateConfig | None,
     validate: ValidateConfig,
     detail: AddDetail | None = None,
+    restyle: Restyle | None = None,
 ) -> str:
     """What a stored trial's figures depend on besides its key: a finished trial is reused only while
     this is unchanged (the grid, the name, and the share and threshold, which are in the key, are left out).
@@ -133,6 +151,10 @@ def fingerprint(
         "validate": validate.model_dump(mode="json"),
         "models": {m: model_digest(m) for m in models if m},
     }
+    if restyle is not None:  # the recoloured images: the settings and the reference images' colours
+        from tasks.restyle import restyle_stats
+
+        settings["restyle"] = {"share": restyle.share, "colours": restyle_stats(restyle)}
     if validate.standardise is None:  # trials run before the field existed
         del settings["validate"]["standardise"]
     else:  # the reference images' statistics, not just their folder
@@ -335,7 +357,7 @@ class TrialData:
 
     real: list[Item]
     replay: list[Item]
-    extra: list[Item] = field(default_factory=list)  # synthetic, or real rare for the ceiling
+    extra: list[Item] = field(default_factory=list)  # synthetic and recoloured, or real rare for the ceiling
 
     @property
     def items(self) -> list[Item]:
@@ -477,6 +499,16 @@ class Sources:
     class_names: list[str]
     grains: dict[str, Grain] = field(default_factory=dict)  # dataset.detail's, per value of grain_axis
     grain_axis: str = "condition"
+    restyle: Restyling | None = None  # dataset.restyle's colours, and where the recoloured copies go
+
+
+@dataclass
+class Restyling:
+    """How the arms that use ``dataset.restyle`` get their recoloured common images."""
+
+    colours: dict[str, Stats]  # per value (condition), from tasks.restyle.restyle_stats
+    share: float  # recoloured images per real training image (k + replay)
+    folder: Path  # the copies, written once
 
 
 def trial_data(
@@ -507,6 +539,14 @@ def trial_data(
         data.extra = balanced_sample(synthetic, wanted, rng)
     elif trial.uses_synthetic:
         data.extra = sample(synthetic, wanted, rng)
+    if sources.restyle is not None and trial.arm != "ceiling" and arm_uses_restyle(trial.arm):
+        from tasks.restyle import restyled_copies
+
+        picked = sample(sources.replay, round(sources.restyle.share * (len(real) + len(replay))), rng)
+        copies = restyled_copies([i.path for i in picked], sources.restyle.colours, sources.restyle.folder)
+        data.extra += [Item(str(c), i.lines, "restyled", v) for i, (c, v) in zip(picked, copies, strict=True)]
+    elif trial.arm == "restyled":
+        raise ValueError("experiment.arms: the restyled arm needs dataset.restyle")
     return data
 
 
@@ -777,6 +817,7 @@ def record(trial: Trial, data: TrialData, figures: dict[str, float], seconds: fl
         "n_real": len(data.real),
         "n_replay": len(data.replay),
         "n_extra": len(data.extra),
+        "n_restyled": sum(i.source == "restyled" for i in data.extra),
         "extra_conditions": json.dumps(conditions),
         "seconds": round(seconds, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from tasks.colour import Stats, colour_stats, rescaled
 from tasks.config import Standardise, ValidateConfig
 from tasks.layout import agrees, position_word, size_word
 from tasks.retry import with_retries
@@ -98,10 +99,6 @@ def resolve_class_map(
     return detector_to_dataset
 
 
-# Per channel (R, G, B): the mean over the reference images, and the mean of their per-image spreads.
-Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-
 def _settings_key(detector: LoadedDetector, cfg: ValidateConfig, stats: Stats | None = None) -> str:
     settings: list[Any] = [detector.model_hash, cfg.conf, cfg.iou, cfg.imgsz]
     if stats is not None:  # appended only when set, so the keys of unstandardised detections stay as they were
@@ -110,13 +107,11 @@ def _settings_key(detector: LoadedDetector, cfg: ValidateConfig, stats: Stats | 
 
 
 def reference_stats(spec: Standardise, field: str = "validate.standardise.images") -> Stats:
-    """The colour statistics ``validate.standardise`` rescales every image to (rounded, so they key caches).
+    """The colour statistics ``validate.standardise`` rescales every image to.
 
     Raises:
         FileNotFoundError: naming ``field``, when the folder is missing or holds no images.
     """
-    from PIL import Image
-
     from tasks.dataset import IMAGE_SUFFIXES
 
     if not spec.images.is_dir():
@@ -124,21 +119,13 @@ def reference_stats(spec: Standardise, field: str = "validate.standardise.images
     files = sorted(p for p in spec.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: spec.max_images]
     if not files:
         raise FileNotFoundError(f"{field}: {spec.images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    pixels = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float64).reshape(-1, 3) for f in files]
-    mean = np.mean([p.mean(axis=0) for p in pixels], axis=0)
-    spread = np.mean([p.std(axis=0) for p in pixels], axis=0)
-    return tuple(round(float(v), 3) for v in mean), tuple(round(float(v), 3) for v in spread)  # type: ignore[return-value]
+    return colour_stats(files)
 
 
 def standardised(path: Path, stats: Stats) -> np.ndarray:
-    """The image at ``path`` with each channel shifted and scaled to ``stats``' mean and spread, as the
-    BGR uint8 array ultralytics takes (it reads a numpy image as OpenCV does)."""
-    from PIL import Image
-
-    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-    mean, spread = np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32)
-    scaled = (image - image.mean(axis=(0, 1))) / (image.std(axis=(0, 1)) + 1e-3) * spread + mean
-    return np.ascontiguousarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)[..., ::-1])
+    """The image at ``path`` rescaled to ``stats`` (:func:`tasks.colour.rescaled`), as the BGR array
+    ultralytics takes (it reads a numpy image as OpenCV does)."""
+    return np.ascontiguousarray(rescaled(path, stats)[..., ::-1])
 
 
 def worker_detector(path: str, device: str, field: str = "validate.model") -> LoadedDetector:

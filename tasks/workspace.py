@@ -5,6 +5,7 @@
   cache/images/       content-addressed generated images (<id>.png + <id>.json), shared by runs
   cache/detections/   validator outputs per (image, validator, settings), shared by runs
   cache/detailed/     accepted images with real fine detail added (dataset.detail), per grain
+  cache/restyled/     real images recoloured to a condition's colours (dataset.restyle), per colours
   runs/<run>/         each run's tables, labels and dataset before versioning
   registry/           the DVC data registry (its own git repository)
   remote/             the default DVC remote (a local directory)
@@ -42,6 +43,10 @@ class Workspace:
     @property
     def detailed(self) -> Path:
         return self.root / "cache" / "detailed"
+
+    @property
+    def restyled(self) -> Path:
+        return self.root / "cache" / "restyled"
 
     @property
     def run_dir(self) -> Path:

@@ -101,7 +101,7 @@ def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
 def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     from PIL import Image
 
-    from tasks.config import AddDetail, FinetuneConfig, GenerateConfig, Standardise, ValidateConfig
+    from tasks.config import AddDetail, FinetuneConfig, GenerateConfig, Restyle, Standardise, ValidateConfig
     from tasks.experiment import fingerprint
 
     weights = tmp_path / "a.pt"
@@ -140,6 +140,14 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     assert with_standardise != base
     Image.new("RGB", (8, 8), (30, 100, 110)).save(tmp_path / "common" / "a.png")  # other colours: other labels
     assert fingerprint(ExperimentConfig(), ft, gen, rescaled) != with_standardise
+    restyle = Restyle(images={"fog": str(tmp_path / "common")})
+    with_restyle = fingerprint(ExperimentConfig(), ft, None, validate, None, restyle)  # e.g. the restyled arm
+    assert with_restyle != unaffected
+    assert fingerprint(ExperimentConfig(), ft, None, validate, None, restyle.model_copy(update={"share": 2.0})) != (
+        with_restyle
+    )
+    Image.new("RGB", (8, 8), (200, 100, 110)).save(tmp_path / "common" / "a.png")  # other colours to take
+    assert fingerprint(ExperimentConfig(), ft, None, validate, None, restyle) != with_restyle
     weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
     assert fingerprint(ExperimentConfig(), ft, gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, None, validate) != unaffected

@@ -35,7 +35,8 @@ data/world/test/rare.yaml: tasks/world.py | setup
 data/world/common_train/data.yaml: tasks/world.py | setup
 	$(BIN)/synthdet world --only common_train
 
-# Generation starts from the mean latent of two scarce real images per rare condition (generate.start_means).
+# Generation starts from the mean latent of two scarce real images per rare condition (generate.start_means),
+# and the dataset's recoloured common images take those images' colours (dataset.restyle).
 data/world/rare_scarce/captions.parquet: tasks/world.py | setup
 	$(BIN)/synthdet world --only rare_scarce
 

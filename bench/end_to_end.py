@@ -4,8 +4,8 @@ Runs what ``make demo`` runs after set-up, in a temporary folder so ``workspace/
 touched: ``synthdet world --only test --only common_train --only rare_scarce --out TMP/world`` (the
 held-out test sets the demo evaluates on, the common images its dataset mixes in and the scarce rare
 images whose mean latents start its generation), then ``synthdet run --params TMP/params.yaml``
-(``params.yaml`` with the workspace, ``finetune.eval_data``, ``dataset.real`` and
-``generate.start_means.images`` moved into TMP; ``common_train`` and ``rare_scarce`` only if the params
+(``params.yaml`` with the workspace, ``finetune.eval_data``, ``dataset.real``,
+``generate.start_means.images`` and ``dataset.restyle.images`` moved into TMP; ``common_train`` and ``rare_scarce`` only if the params
 use them). Memory is the sum of the
 resident set sizes of the command and all its child processes, sampled every 0.2 s; shared pages count
 once per process, so it overstates a little. Goals on a 2-core CPU: 10 minutes or less, 4 GB or less.
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
             if start_means and str(start_means.get("images", "")).endswith("rare_scarce"):
                 changes["generate.start_means.images"] = str(root / "world" / "rare_scarce")
                 sets += ["--only", "rare_scarce"]
+            restyle = (raw.get("dataset") or {}).get("restyle")
+            if restyle and str(restyle.get("images", "")).endswith("rare_scarce"):
+                changes["dataset.restyle.images"] = str(root / "world" / "rare_scarce")
+                sets += [] if "rare_scarce" in sets else ["--only", "rare_scarce"]
             params = derive_params(args.params, root / "params.yaml", changes)
             steps = {
                 "world": [synthdet, "world", *sets, "--out", str(root / "world")],

@@ -666,8 +666,8 @@ def comparison_markdown(results: pd.DataFrame, cfg: ExperimentConfig) -> str:
     header = ["arm", "k", "seeds", "extra images", "rare", "common", *conditions]
     lines = [
         f"mAP50-95 on the held-out real test sets, mean ± std over seeds; rare = mean of {', '.join(cfg.rare_conditions)}"
-        f", common = {', '.join(cfg.common_conditions) or 'none'}. Extra images: synthetic images (the"
-        " ceiling: real rare ones) per trial, mean over seeds.",
+        f", common = {', '.join(cfg.common_conditions) or 'none'}. Extra images: synthetic and"
+        " recoloured images (the ceiling: real rare ones) per trial, mean over seeds.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

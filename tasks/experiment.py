@@ -551,7 +551,7 @@ def trial_data(
 
 
 def adapted_count(done: pd.DataFrame, trial: Trial) -> int | None:
-    """How many synthetic images the ``adapted`` trial of ``trial``'s k and seed trained on, or None if
+    """How many extra images (synthetic and recoloured) the ``adapted`` trial of ``trial``'s k and seed had, or None if
     ``done`` (the finished trials) has none: the ceiling then gets the nominal share."""
     if done.empty:  # a fresh experiment: the stored table has no columns but key and fingerprint yet
         return None

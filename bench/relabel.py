@@ -66,9 +66,10 @@ def test_scores(validator: str, tests: Path, conditions: list[str], standardise,
     ``standardise``, on copies standardised as ``validate.standardise`` would show them."""
     from PIL import Image
 
+    from tasks.colour import rescaled
     from tasks.config import FinetuneConfig
     from tasks.finetune import evaluate_detector
-    from tasks.validation import reference_stats, standardised
+    from tasks.validation import reference_stats
 
     ft = FinetuneConfig(model=validator, batch=32)
     stats = reference_stats(standardise) if standardise else None
@@ -83,7 +84,7 @@ def test_scores(validator: str, tests: Path, conditions: list[str], standardise,
             shutil.copytree(tests / condition / "labels", copy / "labels", dirs_exist_ok=True)
             (copy / "images").mkdir(parents=True, exist_ok=True)
             for image in sorted((tests / condition / "images").iterdir()):
-                Image.fromarray(standardised(image, stats)[..., ::-1]).save(copy / "images" / image.name)
+                Image.fromarray(rescaled(image, stats)).save(copy / "images" / image.name)
             (copy / "data.yaml").write_text((tests / condition / "data.yaml").read_text())
             row["standardised"], _ = evaluate_detector(validator, copy / "data.yaml", "val", ft, scratch / "eval")
         rows.append({k: round(v["mAP50-95"], 3) if isinstance(v, dict) else v for k, v in row.items()})

@@ -180,7 +180,7 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
             logger.info("experiment %s: real fine detail added to the synthetic images of %s (grain std %s)",
                         cfg.name, ", ".join(sources.grains), {v: round(float(g.std.mean()), 3)
                                                               for v, g in sources.grains.items()})  # fmt: skip
-        if restyle is not None and any(ex.arm_uses_restyle(t.arm) and t.arm != "ceiling" for t in todo):
+        if restyle is not None and any(t.arm in ex.RESTYLED_ARMS for t in todo):
             from tasks.restyle import restyle_stats
 
             sources.restyle = ex.Restyling(restyle_stats(restyle), restyle.share, ctx.ws.restyled)

@@ -270,6 +270,12 @@ class DatasetConfig(Section):
         None, description="Add real images recoloured to the colours of each value's reference images (needs real)."
     )
 
+    @model_validator(mode="after")
+    def _restyle_needs_real(self) -> DatasetConfig:
+        if self.restyle is not None and self.real is None:
+            raise ValueError("dataset.restyle: recolours the real images of dataset.real, which is not set")
+        return self
+
 
 class Restyle(ImagesByValue):
     """Real labelled images recoloured to the colours of a few real images of each attribute value.
@@ -538,9 +544,7 @@ class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _restyle_needs(self) -> Params:
-        if self.dataset.restyle is not None and self.dataset.real is None:
-            raise ValueError("dataset.restyle: recolours the real images of dataset.real, which is not set")
+    def _restyled_arm_needs_restyle(self) -> Params:
         if "restyled" in self.experiment.arms and self.dataset.restyle is None:
             raise ValueError(
                 "experiment.arms: the restyled arm needs dataset.restyle (the images whose colours it takes)"

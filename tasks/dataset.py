@@ -154,12 +154,12 @@ def build_dataset(validated: pd.DataFrame, class_names: list[str], cfg: DatasetC
         parts.append(real.iloc[sorted(order)])
     colours = {}
     if cfg.restyle is not None and real is not None:  # real images to recolour, each to the next value's colours
-        from tasks.restyle import restyle_stats
+        from tasks.restyle import restyle_stats, values_in_turn
 
         colours = restyle_stats(cfg.restyle)
         wanted = min(len(real), round(cfg.restyle.share * len(synthetic)))
         restyled = real.iloc[sorted(np.random.default_rng([cfg.seed, 1]).permutation(len(real))[:wanted])].copy()
-        restyled["restyle"] = [list(colours)[i % len(colours)] for i in range(len(restyled))]
+        restyled["restyle"] = values_in_turn(len(restyled), colours)
         restyled["image_id"] = "restyled_" + restyled["restyle"] + "_" + restyled["image_id"]
         restyled["source"] = "restyled"
         parts.append(restyled)

@@ -81,10 +81,14 @@ def arm_uses_generator(arm: str) -> bool:
     return arm in ("unfiltered", "validated", "adapted", "ceiling")
 
 
+# The arms that train on recoloured common images when dataset.restyle is set.
+RESTYLED_ARMS = ("restyled", "unfiltered", "validated", "adapted")
+
+
 def arm_uses_restyle(arm: str) -> bool:
     """An arm's figures depend on ``dataset.restyle``: it trains on recoloured images (or, the ceiling,
     on as many real ones as adapted had synthetic and recoloured ones)."""
-    return arm in ("restyled", "unfiltered", "validated", "adapted", "ceiling")
+    return arm in RESTYLED_ARMS or arm == "ceiling"
 
 
 def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
@@ -539,7 +543,7 @@ def trial_data(
         data.extra = balanced_sample(synthetic, wanted, rng)
     elif trial.uses_synthetic:
         data.extra = sample(synthetic, wanted, rng)
-    if sources.restyle is not None and trial.arm != "ceiling" and arm_uses_restyle(trial.arm):
+    if sources.restyle is not None and trial.arm in RESTYLED_ARMS:
         from tasks.restyle import restyled_copies
 
         picked = sample(sources.replay, round(sources.restyle.share * (len(real) + len(replay))), rng)

@@ -30,6 +30,12 @@ def restyle_stats(spec: Restyle, field: str = "dataset.restyle.images") -> dict[
     return {value: colour_stats(files) for value, files in sorted(images_by_value(spec, field).items())}
 
 
+def values_in_turn(n: int, stats: dict[str, Stats]) -> list[str]:
+    """The value each of ``n`` images is recoloured to: the values in turn, the first image to the first."""
+    values = list(stats)
+    return [values[i % len(values)] for i in range(n)]
+
+
 def restyled_copies(paths: Sequence[Path | str], stats: dict[str, Stats], out_dir: Path) -> list[tuple[Path, str]]:
     """Each image recoloured to the next value's colours in turn (the first to the first value, ...).
 
@@ -38,10 +44,8 @@ def restyled_copies(paths: Sequence[Path | str], stats: dict[str, Stats], out_di
     Returns:
         (copy, value) per image, in order.
     """
-    values = list(stats)
     out = []
-    for i, path in enumerate(paths):
-        value = values[i % len(values)]
+    for path, value in zip(paths, values_in_turn(len(paths), stats), strict=True):
         key = json.dumps([str(Path(path).resolve()), stats[value]])
         copy = out_dir / value / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.png"
         if not copy.is_file():

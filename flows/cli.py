@@ -348,8 +348,8 @@ def experiment(
     adapted: real + synthetic images accepted and labelled by the real arm's model, balanced by class x condition
     ceiling: real + as many real rare images with true labels
 
-    Writes <workspace>/experiments/NAME/: results.parquet, comparison.md, map_vs_*.png; one MLflow run
-    per trial under an `experiment` parent. A re-run skips the trials already in results.parquet.
+    Writes <workspace>/experiments/NAME/: results.parquet, comparison.md, map_vs_*.png,
+    map_rare_vs_common.png; one MLflow run per trial under an `experiment` parent. A re-run skips the trials already in results.parquet.
     """
 
     def work() -> dict:

@@ -77,6 +77,7 @@ def test_experiment_flow_writes_table_runs_and_plots(
     assert "UNMEASURED: adapted beats real by >= 0.05 at k=10" in comparison
     assert (out / "map_vs_k.png").stat().st_size > 1000
     assert (out / "map_vs_threshold.png").stat().st_size > 1000
+    assert (out / "map_rare_vs_common.png").stat().st_size > 1000  # plain is the common test set here
     assert not (out / "map_vs_share.png").exists()  # no share sweep asked for
 
     from mlflow.tracking import MlflowClient
@@ -89,7 +90,14 @@ def test_experiment_flow_writes_table_runs_and_plots(
     assert all(r.info.status == "FINISHED" for r in [parent, *children])
     assert "rare.mAP50-95" in children[0].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.md", "results.parquet", "results.json", "map_vs_k.png", "map_vs_threshold.png"} <= artifacts
+    assert {
+        "comparison.md",
+        "results.parquet",
+        "results.json",
+        "map_vs_k.png",
+        "map_vs_threshold.png",
+        "map_rare_vs_common.png",
+    } <= artifacts
 
     # A second run finds every trial done: it trains nothing and reports the same table.
     again = runner.invoke(app, args)

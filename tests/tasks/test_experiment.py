@@ -87,6 +87,7 @@ def test_goals_report_met_missed_and_unmeasured() -> None:
     assert "UNMEASURED: adapted closes >= half the real-to-ceiling gap at k=30" in lines
     assert "MET: adapted beats validated at every k: k=10 +0.010" in lines
     assert "MET: adapted costs <= 0.01 on the common set" in lines
+    assert "adapted against real at the same k (what the added images cost): k=10 +0.005" in lines
 
 
 def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:

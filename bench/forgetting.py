@@ -131,7 +131,7 @@ def plot(runs: list[str], arms: list[str], ks: list[int], seeds: int, out: Path)
 
     figure, axes = plt.subplots(1, len(arms) * len(ks), figsize=(3 * len(arms) * len(ks), 3.6), squeeze=False,
                                sharex=True, sharey=True)  # fmt: skip
-    for run in runs:
+    for n_run, run in enumerate(runs):  # one colour per run in every panel, whichever arms it has
         label, path = run.split("=", 1)
         results = pd.read_parquet(path)
         results = results[results["seed"] < seeds]
@@ -141,7 +141,8 @@ def plot(runs: list[str], arms: list[str], ks: list[int], seeds: int, out: Path)
             if rows.empty:
                 continue
             x, y = rows[f"common.{METRIC}"], rows[f"rare.{METRIC}"]
-            axes[0, n].errorbar(x.mean(), y.mean(), xerr=x.std(), yerr=y.std(), marker="o", capsize=2, label=label)
+            axes[0, n].errorbar(x.mean(), y.mean(), xerr=x.std(), yerr=y.std(), marker="o", capsize=2, label=label,
+                                 color=f"C{n_run % 10}")  # fmt: skip
             if not start.empty:
                 axes[0, n].axvline(start[f"common.{METRIC}"].iloc[0] - 0.01, color="gray", linestyle="--", linewidth=1)
             axes[0, n].set_title(f"{arm}, k={k}", fontsize=9)

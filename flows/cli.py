@@ -349,7 +349,8 @@ def experiment(
     ceiling: real + as many real rare images with true labels
 
     Writes <workspace>/experiments/NAME/: results.parquet, comparison.md, map_vs_*.png,
-    map_rare_vs_common.png; one MLflow run per trial under an `experiment` parent. A re-run skips the trials already in results.parquet.
+    map_rare_vs_common.png; one MLflow run per trial under an `experiment` parent. A re-run skips the
+    trials already in results.parquet.
     """
 
     def work() -> dict:

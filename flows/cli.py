@@ -132,7 +132,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  fine-tuned   on {f['dataset_version']}{reused if f.get('reused') else ''}")
         lines.append(f"  mAP50-95     {f['mAP50-95']:.3f} (mAP50 {f['mAP50']:.3f}){start}, on {f['eval_set']}")
         lines.append(f"  model        {f['registered_model']} v{f['model_version']}  {f['weights']}")
-        lines.append(f"  champion     v{f['champion_version']}: {f['promotion_reason']}")
+        if f.get("guard"):
+            g = f["guard"]
+            change = g["mAP50-95"] - g["start_mAP50-95"]
+            lines.append(f"  guard        mAP50-95 {g['mAP50-95']:.3f}; starting weights {g['start_mAP50-95']:.3f} "
+                         f"({change:+.3f}, at most -{g['margin']} allowed), on {g['set']}")  # fmt: skip
+        champion = f"v{f['champion_version']}" if f.get("champion_version") else "none"
+        lines.append(f"  champion     {champion}: {f['promotion_reason']}")
     lines.append(f"  mlflow run   {summary['mlflow_run_id']}  ({summary['mlflow_uri']})")
     lines.append(f"  workspace    {summary['workspace']}  (run files in {summary['run_dir']})")
     return "\n".join(lines)

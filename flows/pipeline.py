@@ -224,7 +224,8 @@ def retrain(
     overrides: RunOverrides = NO_OVERRIDES,
 ) -> dict:
     """Fine-tune on a dataset version (the latest by default), after generating a fresh batch if asked.
-    The champion alias moves to the new model only if it beats the champion by finetune.promote_margin.
+    The champion alias moves to the new model only if it beats the champion by finetune.promote_margin
+    and loses no more than finetune.guard_margin on finetune.guard_data (when set).
 
     Runs nightly when its schedule is enabled, and whenever the synthesize flow makes a new dataset
     version (the deployment's event trigger passes that version).

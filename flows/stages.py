@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.config import FinetuneConfig, ImagesByValue, Params
+from tasks.finetune import Guard
 from tasks.shards import MapShards
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, atomic_path, write_parquet_atomic, write_text_atomic
@@ -141,8 +142,10 @@ def preflight(params: Params, names: tuple[str, ...]) -> None:
         checked = "validate" in names and params.finetune.model == params.validate_.model
         if not params.finetune.model.endswith(".yaml") and not checked:
             load_detector(params.finetune.model, "finetune.model")
-        if params.finetune.eval_data is not None and not params.finetune.eval_data.is_file():
-            raise FileNotFoundError(f"finetune.eval_data: {params.finetune.eval_data}: no such file")
+        for field in ("eval_data", "guard_data"):
+            path = getattr(params.finetune, field)
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"finetune.{field}: {path}: no such file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,11 +348,28 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
         for plot in result.plots:
             ctx.tracker.log_artifact(run_id, plot, "plots")
         ctx.tracker.log_artifact(run_id, result.weights, "weights")
+        # What fine-tuning cost on what the detector already knew: both weights on the guard set.
+        guard = None
+        if cfg.guard_data is not None and Path(cfg.model).suffix == ".pt":
+            before, _ = evaluate_detector(cfg.model, cfg.guard_data, cfg.guard_split, cfg, out / "guard-start")
+            after, _ = evaluate_detector(result.weights, cfg.guard_data, cfg.guard_split, cfg, out / "guard")
+            guard = Guard(after["mAP50-95"], before["mAP50-95"], cfg.guard_margin)
+            ctx.tracker.log_metrics(run_id, {"guard.mAP50-95": guard.after, "guard.start.mAP50-95": guard.before})
+        elif cfg.guard_data is not None:
+            log.warning("finetune.guard_data: no guard for a model trained from %s (no starting weights)", cfg.model)
         model_version = ctx.tracker.register_model(
             run_id, result.weights, cfg.registered_model, tags={"dataset.version": made.tag}
         )
         summary = {
-            **promote(ctx, run_id, result.metrics["mAP50-95"], model_version, data / "data.yaml"),
+            **promote(ctx, run_id, result.metrics["mAP50-95"], model_version, data / "data.yaml", guard),
+            "guard": None
+            if guard is None
+            else {
+                "mAP50-95": guard.after,
+                "start_mAP50-95": guard.before,
+                "margin": guard.margin,
+                "set": str(cfg.guard_data),
+            },  # fmt: skip
             **result.metrics,
             "per_class": result.per_class,
             "weights": str(result.weights),
@@ -395,8 +415,11 @@ def reusable_finetune(metrics_file: Path, key: str) -> dict[str, Any] | None:
     return previous
 
 
-def promote(ctx: StageContext, run_id: str, score: float, model_version: str, data_yaml: Path) -> dict[str, Any]:
-    """Move the champion alias to the new model version if it beats the champion on the same data.
+def promote(
+    ctx: StageContext, run_id: str, score: float, model_version: str, data_yaml: Path, guard: Guard | None = None
+) -> dict[str, Any]:
+    """Move the champion alias to the new model version if it beats the champion on the same data
+    (and, with a ``guard``, did not lose more than ``finetune.guard_margin`` on the guard set).
 
     The champion is re-evaluated here on this run's evaluation set, so the two scores compare like
     with like even when the dataset has changed since the champion was trained. The decision and its
@@ -411,21 +434,23 @@ def promote(ctx: StageContext, run_id: str, score: float, model_version: str, da
         weights = ctx.tracker.download_weights(current.run_id, ctx.out("finetune", "champion"))
         metrics, _ = evaluate_detector(weights, cfg.eval_data or data_yaml, cfg.eval_split, cfg, ctx.out("finetune"))
         champion_score = metrics["mAP50-95"]
-    promoted, reason = promotion_decision(score, champion_score, cfg.promote_margin)
+    promoted, reason = promotion_decision(score, champion_score, cfg.promote_margin, guard)
     if promoted:
         ctx.tracker.set_alias(cfg.registered_model, cfg.champion_alias, model_version)
-    champion_version = model_version if promoted else current.version
+    # None when the guard stopped the first model: there is no champion yet.
+    champion_version = model_version if promoted else current.version if current else None
     ctx.tracker.set_tags(
         run_id,
-        {"promotion.promoted": promoted, "promotion.reason": reason, "promotion.champion_version": champion_version},
-    )
+        {"promotion.promoted": promoted, "promotion.reason": reason,
+         "promotion.champion_version": champion_version or "none"},
+    )  # fmt: skip
     if champion_score is not None:
         ctx.tracker.log_metrics(run_id, {"champion.mAP50-95": champion_score})
     log.info("promotion: %s", reason)
     return {
         "promoted": promoted,
         "promotion_reason": reason,
-        "champion_version": str(champion_version),
+        "champion_version": None if champion_version is None else str(champion_version),
         "champion_score": champion_score,
     }
 

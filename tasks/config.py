@@ -342,6 +342,17 @@ class FinetuneConfig(Section):
     promote_margin: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.0, description="mAP50-95 a new model must gain over the champion to replace it."
     )
+    guard_data: Path | None = Field(
+        None,
+        description="data.yaml of a held-out set the model must not get worse on (e.g. the common conditions "
+        "it already knew); null: no guard.",
+    )
+    guard_split: Literal["train", "val", "test"] = "val"
+    guard_margin: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.01,
+        description="The most mAP50-95 a new model may lose on guard_data against its starting weights; one that "
+        "loses more is registered but not promoted.",
+    )
     reuse: bool = Field(
         True,
         description="A re-run with the same dataset version, settings and starting weights reuses the last "

@@ -135,11 +135,36 @@ def finetune_detector(
     return FinetuneResult(weights, train_dir, metrics, per_class, plots)
 
 
-def promotion_decision(challenger: float, champion: float | None, margin: float) -> tuple[bool, str]:
-    """Whether a new model replaces the champion: only if it beats it by at least ``margin``.
+@dataclass(frozen=True)
+class Guard:
+    """A fine-tuned model's mAP50-95 on the guard set (``finetune.guard_data``) against its starting
+    weights' there: what fine-tuning cost on what the detector already knew."""
 
-    Both scores are mAP50-95 on the same evaluation set. The first model always becomes champion.
+    after: float
+    before: float
+    margin: float  # the most it may lose
+
+    @property
+    def forgets(self) -> bool:
+        return self.after < self.before - self.margin - 1e-9  # a loss of exactly margin is allowed
+
+    def describe(self) -> str:
+        change = self.after - self.before
+        return f"guard mAP50-95 {self.after:.4f} against the starting weights' {self.before:.4f} ({change:+.4f})"
+
+
+def promotion_decision(
+    challenger: float, champion: float | None, margin: float, guard: Guard | None = None
+) -> tuple[bool, str]:
+    """Whether a new model replaces the champion: only if it beats it by at least ``margin``, and,
+    with a ``guard``, only if it did not lose more than the guard allows on the guard set.
+
+    Both scores are mAP50-95 on the same evaluation set. The first model becomes champion unless the
+    guard stops it.
     """
+    if guard is not None and guard.forgets:
+        kept = "no champion yet" if champion is None else "champion kept"
+        return False, f"{guard.describe()}: more than the {guard.margin} allowed, so not promoted; {kept}"
     if champion is None:
         return True, f"first model: mAP50-95 {challenger:.4f} becomes champion"
     if challenger >= champion + margin:

@@ -1,4 +1,4 @@
-"""A re-run reuses the last fine-tune only when nothing it depends on changed."""
+"""A re-run reuses the last fine-tune only when nothing it depends on changed; promote() moves the alias only on a win."""
 
 from __future__ import annotations
 
@@ -35,3 +35,39 @@ def test_only_a_matching_summary_with_its_weights_is_reused(tmp_path: Path) -> N
     assert reusable_finetune(metrics, "k1") is None  # the weights are gone
     metrics.write_text("{not json")
     assert reusable_finetune(metrics, "k1") is None
+
+
+class FakeTracker:
+    """What promote() asks of the tracker, recorded; no champion registered yet."""
+
+    def __init__(self) -> None:
+        self.aliases: dict[str, str] = {}
+        self.tags: dict[str, object] = {}
+
+    def champion(self, name: str, alias: str) -> None:
+        return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.tags.update(tags)
+
+    def log_metrics(self, run_id: str, metrics: dict) -> None:
+        pass
+
+
+def test_a_first_model_the_guard_stops_leaves_no_champion(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from flows.stages import promote
+    from tasks.finetune import Guard
+
+    tracker = FakeTracker()
+    ctx = SimpleNamespace(params=SimpleNamespace(finetune=FinetuneConfig(model="start.pt")), tracker=tracker)
+    stopped = promote(ctx, "run", 0.6, "1", tmp_path / "data.yaml", Guard(after=0.85, before=0.865, margin=0.01))
+    assert stopped["promoted"] is False and stopped["champion_version"] is None
+    assert tracker.aliases == {} and tracker.tags["promotion.champion_version"] == "none"
+    assert "no champion yet" in tracker.tags["promotion.reason"]
+    passed = promote(ctx, "run", 0.6, "1", tmp_path / "data.yaml", Guard(after=0.86, before=0.865, margin=0.01))
+    assert passed["promoted"] is True and tracker.aliases == {"champion": "1"}

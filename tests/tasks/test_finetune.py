@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.finetune import count_images, promotion_decision
+from tasks.finetune import Guard, count_images, promotion_decision
 
 
 def test_first_model_becomes_champion() -> None:
@@ -17,6 +17,19 @@ def test_a_challenger_must_beat_the_champion_by_the_margin() -> None:
     promoted, reason = promotion_decision(0.54, 0.50, 0.05)
     assert promoted is False and "champion kept" in reason and "0.5400" in reason
     assert promotion_decision(0.40, 0.50, 0.0)[0] is False
+
+
+def test_a_model_that_forgets_more_than_the_guard_allows_is_not_promoted() -> None:
+    kept = Guard(after=0.854, before=0.865, margin=0.01)  # lost 0.011 on the guard set
+    promoted, reason = promotion_decision(0.60, 0.50, 0.0, kept)
+    assert promoted is False and "champion kept" in reason and "0.8540" in reason and "-0.0110" in reason
+    promoted, reason = promotion_decision(0.60, None, 0.0, kept)  # not even as the first model
+    assert promoted is False and "no champion yet" in reason
+    within = Guard(after=0.855, before=0.865, margin=0.01)  # exactly the margin
+    assert promotion_decision(0.60, 0.50, 0.0, within) == promotion_decision(0.60, 0.50, 0.0)
+    better = Guard(after=0.87, before=0.865, margin=0.0)
+    assert promotion_decision(0.60, None, 0.0, better)[0] is True
+    assert promotion_decision(0.40, 0.50, 0.0, better)[0] is False  # the guard never promotes on its own
 
 
 def test_count_images_reads_paths_relative_to_the_yaml_even_when_the_yaml_path_is_relative(

@@ -349,12 +349,14 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
             ctx.tracker.log_artifact(run_id, plot, "plots")
         ctx.tracker.log_artifact(run_id, result.weights, "weights")
         # What fine-tuning cost on what the detector already knew: both weights on the guard set.
-        guard = None
+        guard, guard_summary = None, None
         if cfg.guard_data is not None and Path(cfg.model).suffix == ".pt":
             before, _ = evaluate_detector(cfg.model, cfg.guard_data, cfg.guard_split, cfg, out / "guard-start")
             after, _ = evaluate_detector(result.weights, cfg.guard_data, cfg.guard_split, cfg, out / "guard")
             guard = Guard(after["mAP50-95"], before["mAP50-95"], cfg.guard_margin)
             ctx.tracker.log_metrics(run_id, {"guard.mAP50-95": guard.after, "guard.start.mAP50-95": guard.before})
+            guard_summary = {"mAP50-95": guard.after, "start_mAP50-95": guard.before, "margin": guard.margin,
+                             "set": str(cfg.guard_data)}  # fmt: skip
         elif cfg.guard_data is not None:
             log.warning("finetune.guard_data: no guard for a model trained from %s (no starting weights)", cfg.model)
         model_version = ctx.tracker.register_model(
@@ -362,14 +364,7 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
         )
         summary = {
             **promote(ctx, run_id, result.metrics["mAP50-95"], model_version, data / "data.yaml", guard),
-            "guard": None
-            if guard is None
-            else {
-                "mAP50-95": guard.after,
-                "start_mAP50-95": guard.before,
-                "margin": guard.margin,
-                "set": str(cfg.guard_data),
-            },  # fmt: skip
+            "guard": guard_summary,
             **result.metrics,
             "per_class": result.per_class,
             "weights": str(result.weights),

@@ -661,6 +661,9 @@ class RunOverrides(BaseModel):
     promote_margin: Fraction | None = Field(
         None, description="finetune.promote_margin: mAP50-95 a new model must gain to become champion."
     )
+    guard_margin: Fraction | None = Field(
+        None, description="finetune.guard_margin: mAP50-95 a new model may lose on finetune.guard_data at most."
+    )
 
     def dotted(self) -> dict[str, Any]:
         """The overrides as dotted params keys, for :func:`load_params`."""
@@ -672,7 +675,7 @@ class RunOverrides(BaseModel):
         fields = {"run_name": "run_name", "generator": "generate.model", "num_inference_steps":
                   "generate.num_inference_steps", "validator": "validate.model", "conf": "validate.conf",
                   "start_weights": "finetune.model", "epochs": "finetune.epochs", "seed": "prompts.seed",
-                  "promote_margin": "finetune.promote_margin"}  # fmt: skip
+                  "promote_margin": "finetune.promote_margin", "guard_margin": "finetune.guard_margin"}  # fmt: skip
         for field, key in fields.items():
             value = getattr(self, field)
             if value is not None:

@@ -32,8 +32,10 @@ def test_invalid_overrides_are_refused_before_the_flow_runs(bad: dict) -> None:
 
 
 def test_overrides_replace_the_params_they_name() -> None:
-    overrides = RunOverrides(classes={"star": 5}, conditions={"night": 2.0}, epochs=3, conf=0.5, run_name="night")
+    overrides = RunOverrides(classes={"star": 5}, conditions={"night": 2.0}, epochs=3, conf=0.5, run_name="night",
+                             guard_margin=0.02)  # fmt: skip
     params = load_params(ROOT / "params.yaml", overrides.dotted())
+    assert params.finetune.guard_margin == 0.02
     assert [(c.name, c.count) for c in params.prompts.classes] == [("star", 5)]
     assert params.prompts.axes["condition"] == {"night": 2.0}
     assert params.prompts.axes["colour"]  # untouched axes stay

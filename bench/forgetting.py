@@ -14,8 +14,8 @@ judged on the same trials:
               scores and boxes near the starting detector's (--lwf weight; the starting detector's
               BatchNorm in eval mode)
 
-Results go to ``<workspace>/experiments/<name>-<variant>/`` like any experiment (the variant is not part
-of a trial's fingerprint, hence the separate name). ``--plot`` draws the result files it is given as rare
+Results go to ``<workspace>/experiments/<name>-<variant>/`` like any experiment (``<name>`` for
+``constant``; the variant is not part of a trial's fingerprint, hence the separate name). ``--plot`` draws the result files it is given as rare
 against common mAP50-95, one marker per variant, for one arm and k per panel:
 
     python -m bench.forgetting --variant linear -- -p P -w W --name fg --arms start,real,restyled,adapted --k 0,10 --seeds 3 --steps 60
@@ -54,9 +54,10 @@ def fixed_ema(decay: float):
 
 def learning_without_forgetting(weight: float, mark: str):
     """on_train_start: add ``weight`` x (a distillation loss to the starting detector) on the batch's
-    replay images (those whose file name holds ``mark``: tasks.experiment names each training file
-    ``<n>_<source>_<stem>``, and a replay image's source is its folder's name): the class scores' cross-entropy against the start's (minus its own entropy, so 0 when
-    equal) and the boxes' L1 distance weighted by the start's top score, for both YOLO26 heads."""
+    replay images: the class scores' cross-entropy against the start's (minus the start's own entropy,
+    so 0 when equal) and the boxes' L1 distance weighted by the start's top score, for both YOLO26
+    heads. Replay images are those whose file name holds ``mark``: tasks.experiment names each
+    training file ``<n>_<source>_<stem>``, and a replay image's source is its folder's name."""
 
     def callback(trainer) -> None:
         import copy

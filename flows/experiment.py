@@ -40,12 +40,6 @@ def fingerprint_of(ctx: stages.StageContext, cfg: ExperimentConfig, arm: str) ->
                           ctx.params.dataset.restyle if ex.arm_uses_restyle(arm) else None)  # fmt: skip
 
 
-def configure(base: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig:
-    """The experiment section with this run's changes (None values ignored), validated like the file."""
-    changes = {k: v for k, v in changes.items() if v is not None}
-    return ExperimentConfig.model_validate({**base.model_dump(), **changes})
-
-
 @task(name="synthetic", cache_policy=NO_CACHE)
 def make_synthetic(ctx: stages.StageContext, cfg: ExperimentConfig, out_dir: Path, parent: str) -> pd.DataFrame:
     """Generate the rare-condition synthetic images every synthetic arm draws from (cached by content)."""
@@ -129,11 +123,10 @@ def experiment(
         seeds: Seeds; every arm runs once per seed.
         steps: Optimizer steps per fine-tuned trial.
     """
-    ctx = open_context(params, workspace)
-    cfg = configure(ctx.params.experiment, {"name": name, "arms": arms, "k": k, "seeds": seeds, "steps": steps})
-    ctx.params = ctx.params.model_copy(update={"experiment": cfg})
-    if "restyled" in cfg.arms and ctx.params.dataset.restyle is None:
-        raise ValueError("experiment.arms: the restyled arm needs dataset.restyle (the images whose colours it takes)")
+    changes = {"name": name, "arms": arms, "k": k, "seeds": seeds, "steps": steps}
+    ctx = open_context(params, workspace, changes={f"experiment.{key}": value for key, value in changes.items()
+                                                   if value is not None})  # fmt: skip
+    cfg = ctx.params.experiment
     with workspace_lock(ctx.ws.root, wait_s=LOCK_WAIT_S):
         reap_crashed(ctx)
         return _run(ctx, cfg)

@@ -40,10 +40,16 @@ TASKS = {name: task(name=name, cache_policy=NO_CACHE)(fn) for name, fn in stages
 
 
 def open_context(
-    params_path: str, workspace: str | None, progress: bool = True, overrides: RunOverrides | None = None
+    params_path: str,
+    workspace: str | None,
+    progress: bool = True,
+    overrides: RunOverrides | None = None,
+    changes: dict[str, Any] | None = None,
 ) -> stages.StageContext:
-    """Load params (with a run's overrides), set up the workspace's environment and tracking."""
-    dotted = {**(overrides.dotted() if overrides else {}), **({"workspace": workspace} if workspace else {})}
+    """Load params (with a run's overrides, then ``changes``: more dotted keys), set up the workspace's
+    environment and tracking. The result is validated like the file, cross-section rules included."""
+    dotted = {**(overrides.dotted() if overrides else {}), **(changes or {}),
+              **({"workspace": workspace} if workspace else {})}  # fmt: skip
     params = load_params(params_path, dotted)
     ws = Workspace(Path(params.workspace).resolve(), params.run_name)
     configure_environment(ws)

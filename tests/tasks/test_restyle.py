@@ -104,3 +104,12 @@ def test_restyle_needs_real_images_and_the_restyled_arm_needs_restyle(tmp_path: 
         load_params(smoke, {"dataset.restyle": {"images": str(tmp_path)}})
     with pytest.raises(ValueError, match="the restyled arm needs dataset.restyle"):
         load_params(smoke, {"experiment.arms": ["real", "restyled"]})
+
+
+def test_the_experiment_flow_checks_arms_it_is_given_like_the_params_file(tmp_path: Path) -> None:
+    from flows.experiment import experiment
+
+    smoke = Path(__file__).resolve().parents[2] / "params.smoke.yaml"
+    with pytest.raises(ValueError, match="the restyled arm needs dataset.restyle"):  # before any trial runs
+        experiment.fn(params=str(smoke), workspace=str(tmp_path / "ws"), arms=["real", "restyled"])
+    assert not (tmp_path / "ws" / "experiments").exists()

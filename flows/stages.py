@@ -348,23 +348,11 @@ def finetune(ctx: StageContext, dataset_version: str | None = None) -> dict[str,
         for plot in result.plots:
             ctx.tracker.log_artifact(run_id, plot, "plots")
         ctx.tracker.log_artifact(run_id, result.weights, "weights")
-        # What fine-tuning cost on what the detector already knew: both weights on the guard set.
-        guard, guard_summary = None, None
-        if cfg.guard_data is not None and Path(cfg.model).suffix == ".pt":
-            before, _ = evaluate_detector(cfg.model, cfg.guard_data, cfg.guard_split, cfg, out / "guard-start")
-            after, _ = evaluate_detector(result.weights, cfg.guard_data, cfg.guard_split, cfg, out / "guard")
-            guard = Guard(after["mAP50-95"], before["mAP50-95"], cfg.guard_margin)
-            ctx.tracker.log_metrics(run_id, {"guard.mAP50-95": guard.after, "guard.start.mAP50-95": guard.before})
-            guard_summary = {"mAP50-95": guard.after, "start_mAP50-95": guard.before, "margin": guard.margin,
-                             "set": str(cfg.guard_data)}  # fmt: skip
-        elif cfg.guard_data is not None:
-            log.warning("finetune.guard_data: no guard for a model trained from %s (no starting weights)", cfg.model)
         model_version = ctx.tracker.register_model(
             run_id, result.weights, cfg.registered_model, tags={"dataset.version": made.tag}
         )
         summary = {
-            **promote(ctx, run_id, result.metrics["mAP50-95"], model_version, data / "data.yaml", guard),
-            "guard": guard_summary,
+            **promote(ctx, run_id, result.metrics["mAP50-95"], model_version, data / "data.yaml", result.weights),
             **result.metrics,
             "per_class": result.per_class,
             "weights": str(result.weights),
@@ -410,11 +398,31 @@ def reusable_finetune(metrics_file: Path, key: str) -> dict[str, Any] | None:
     return previous
 
 
+def guard_check(ctx: StageContext, run_id: str, weights: Path) -> Guard | None:
+    """What fine-tuning cost on what the detector already knew: the starting and the new weights on
+    ``finetune.guard_data``, logged on the run. None without a guard set or starting weights."""
+    from tasks.finetune import evaluate_detector
+
+    cfg = ctx.params.finetune
+    if cfg.guard_data is None:
+        return None
+    if Path(cfg.model).suffix != ".pt":
+        log.warning("finetune.guard_data: no guard for a model trained from %s (no starting weights)", cfg.model)
+        return None
+    out = ctx.out("finetune")
+    before, _ = evaluate_detector(cfg.model, cfg.guard_data, cfg.guard_split, cfg, out / "guard-start")
+    after, _ = evaluate_detector(weights, cfg.guard_data, cfg.guard_split, cfg, out / "guard")
+    guard = Guard(after["mAP50-95"], before["mAP50-95"], cfg.guard_margin)
+    ctx.tracker.log_metrics(run_id, {"guard.mAP50-95": guard.after, "guard.start.mAP50-95": guard.before})
+    return guard
+
+
 def promote(
-    ctx: StageContext, run_id: str, score: float, model_version: str, data_yaml: Path, guard: Guard | None = None
+    ctx: StageContext, run_id: str, score: float, model_version: str, data_yaml: Path, weights: Path
 ) -> dict[str, Any]:
-    """Move the champion alias to the new model version if it beats the champion on the same data
-    (and, with a ``guard``, did not lose more than ``finetune.guard_margin`` on the guard set).
+    """Move the champion alias to the new model version (``weights``) if it beats the champion on the
+    same data and, with ``finetune.guard_data`` set, lost no more than ``finetune.guard_margin`` there
+    against its starting weights (:func:`guard_check`).
 
     The champion is re-evaluated here on this run's evaluation set, so the two scores compare like
     with like even when the dataset has changed since the champion was trained. The decision and its
@@ -423,6 +431,7 @@ def promote(
     from tasks.finetune import evaluate_detector, promotion_decision
 
     cfg = ctx.params.finetune
+    guard = guard_check(ctx, run_id, weights)
     current = ctx.tracker.champion(cfg.registered_model, cfg.champion_alias)
     champion_score = None
     if current is not None:
@@ -447,6 +456,14 @@ def promote(
         "promotion_reason": reason,
         "champion_version": None if champion_version is None else str(champion_version),
         "champion_score": champion_score,
+        "guard": None
+        if guard is None
+        else {
+            "mAP50-95": guard.after,
+            "start_mAP50-95": guard.before,
+            "margin": guard.margin,
+            "set": str(cfg.guard_data),
+        },  # fmt: skip
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from flows.stages import finetune_key, reusable_finetune
 from tasks.config import FinetuneConfig
 
@@ -43,6 +45,7 @@ class FakeTracker:
     def __init__(self) -> None:
         self.aliases: dict[str, str] = {}
         self.tags: dict[str, object] = {}
+        self.metrics: dict[str, float] = {}
 
     def champion(self, name: str, alias: str) -> None:
         return None
@@ -54,20 +57,37 @@ class FakeTracker:
         self.tags.update(tags)
 
     def log_metrics(self, run_id: str, metrics: dict) -> None:
-        pass
+        self.metrics = dict(metrics)
 
 
-def test_a_first_model_the_guard_stops_leaves_no_champion(tmp_path: Path) -> None:
+def test_the_guard_scores_both_weights_and_a_first_model_it_stops_leaves_no_champion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from types import SimpleNamespace
 
+    import tasks.finetune
     from flows.stages import promote
-    from tasks.finetune import Guard
 
+    guard_set = {"start.pt": 0.865, "forgets.pt": 0.85, "keeps.pt": 0.86}  # mAP50-95 of each weights there
+    seen = []
+
+    def evaluate(weights, data_yaml, split, cfg, out_dir):
+        seen.append((Path(weights).name, Path(data_yaml).name, split))
+        return {"mAP50-95": guard_set[Path(weights).name]}, {}
+
+    monkeypatch.setattr(tasks.finetune, "evaluate_detector", evaluate)
     tracker = FakeTracker()
-    ctx = SimpleNamespace(params=SimpleNamespace(finetune=FinetuneConfig(model="start.pt")), tracker=tracker)
-    stopped = promote(ctx, "run", 0.6, "1", tmp_path / "data.yaml", Guard(after=0.85, before=0.865, margin=0.01))
+    cfg = FinetuneConfig(model="start.pt", guard_data=tmp_path / "plain.yaml", guard_margin=0.01)
+    ctx = SimpleNamespace(params=SimpleNamespace(finetune=cfg), tracker=tracker, out=lambda stage: tmp_path / stage)
+    stopped = promote(ctx, "run", 0.6, "1", tmp_path / "data.yaml", Path("forgets.pt"))
+    assert seen == [("start.pt", "plain.yaml", "val"), ("forgets.pt", "plain.yaml", "val")]
     assert stopped["promoted"] is False and stopped["champion_version"] is None
+    assert stopped["guard"] == {"mAP50-95": 0.85, "start_mAP50-95": 0.865, "margin": 0.01,
+                                "set": str(tmp_path / "plain.yaml")}  # fmt: skip
     assert tracker.aliases == {} and tracker.tags["promotion.champion_version"] == "none"
     assert "no champion yet" in tracker.tags["promotion.reason"]
-    passed = promote(ctx, "run", 0.6, "1", tmp_path / "data.yaml", Guard(after=0.86, before=0.865, margin=0.01))
+    passed = promote(ctx, "run", 0.6, "1", tmp_path / "data.yaml", Path("keeps.pt"))
     assert passed["promoted"] is True and tracker.aliases == {"champion": "1"}
+    assert tracker.metrics == {"guard.mAP50-95": 0.86, "guard.start.mAP50-95": 0.865}
+    unguarded = SimpleNamespace(params=SimpleNamespace(finetune=FinetuneConfig(model="start.pt")), tracker=tracker)
+    assert promote(unguarded, "run", 0.6, "2", tmp_path / "data.yaml", Path("forgets.pt"))["guard"] is None

@@ -90,6 +90,21 @@ def test_goals_report_met_missed_and_unmeasured() -> None:
     assert "adapted against real at the same k (what the added images cost): k=10 +0.005" in lines
 
 
+def test_goals_give_the_margin_over_real_with_its_standard_error() -> None:
+    rows = [
+        ("real", 10, 0.55, 0.02, 4),
+        ("adapted", 10, 0.61, 0.01, 4),
+        ("real", 0, 0.5, 0.02, 1),
+        ("adapted", 0, 0.6, 0.01, 1),
+    ]
+    main = pd.DataFrame([{"arm": a, "k": k, "rare.mAP50-95 mean": r, "rare.mAP50-95 std": s, "seeds": n}
+                         for a, k, r, s, n in rows])  # fmt: skip
+    lines = goal_lines(main)
+    # sqrt(0.02^2 / 4 + 0.01^2 / 4) = 0.0112; one seed has no spread, so no error at k = 0
+    assert "- MET: adapted beats real by >= 0.05 at k=10: +0.060 (± 0.011 standard error)" in lines
+    assert any(line.endswith(": +0.100 at k=0, +0.060 (± 0.011 standard error) at k=10") for line in lines)
+
+
 def test_mirrored_boxes_are_averaged_only_when_they_match() -> None:
     lines = ["0 0.300000 0.500000 0.200000 0.200000", "1 0.700000 0.500000 0.100000 0.100000"]
     # the same circle seen on the mirror image (cx 0.7 there), a bit wider; a square far from the other box

@@ -5,17 +5,21 @@ starting detector, the ceiling's true labels included (docs/experiment.md, "Forg
 experiment with the fine-tune changed in one way, without touching the pipeline, so the change can be
 judged on the same trials:
 
-    constant  as shipped: lr0 throughout (tasks.experiment.train_detector)
+    none      no change: the fine-tune the params set (tasks.experiment.train_detector; since the
+              linear decay was adopted, the learning rate falls from lr0 to lr0 x finetune.lrf)
     linear    the learning rate falls linearly from lr0 to 0 over the steps, as the pipeline's own
-              fine-tune does over its epochs (ultralytics' linear schedule)
+              fine-tune does over its epochs (ultralytics' linear schedule). Measured with
+              finetune.lrf: 1 (lr0 throughout, the experiment's fine-tune before the decay was
+              adopted); with lrf < 1 the experiment's own decay overrides it
     ema       the weights kept are a moving average of the steps' weights with a fixed decay
               (--ema-decay; ultralytics' own average ramps up over 2,000 steps, so over 60 it is none)
     lwf       learning without forgetting: on the common replay images, an extra loss keeps the class
               scores and boxes near the starting detector's (--lwf weight; the starting detector's
               BatchNorm in eval mode)
 
-Results go to ``<workspace>/experiments/<name>-<variant>/`` like any experiment (``<name>`` for
-``constant``; the variant is not part of a trial's fingerprint, hence the separate name). ``--plot`` draws the result files it is given as rare
+Each variant applies on top of the params' fine-tune; for the fine-tune the first runs compared against
+(lr0 throughout), give a params file with ``finetune.lrf: 1``. Results go to
+``<workspace>/experiments/<name>-<variant>/`` like any experiment (``<name>`` for ``none``; the variant is not part of a trial's fingerprint, hence the separate name). ``--plot`` draws the result files it is given as rare
 against common mAP50-95, one marker per variant, for one arm and k per panel:
 
     python -m bench.forgetting --variant linear -- -p P -w W --name fg --arms start,real,restyled,adapted --k 0,10 --seeds 3 --steps 60
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from bench.report import ROOT
 
-VARIANTS = ("constant", "linear", "ema", "lwf")
+VARIANTS = ("none", "linear", "ema", "lwf")
 
 
 def linear_decay(trainer) -> None:
@@ -102,7 +106,7 @@ def patch_training(variant: str, ema_decay: float, lwf: float, replay: str) -> N
     from ultralytics import YOLO
 
     callbacks = {
-        "constant": [],
+        "none": [],
         "linear": [("on_train_batch_start", linear_decay)],
         "ema": [("on_train_start", fixed_ema(ema_decay))],
         "lwf": [("on_train_start", learning_without_forgetting(lwf, f"_{replay}_"))],
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--name" not in rest:
         parser.error("pass the experiment's --name after --: the variant's results go to <name>-<variant>")
     at = rest.index("--name") + 1
-    rest[at] = f"{rest[at]}-{args.variant}" if args.variant != "constant" else rest[at]
+    rest[at] = f"{rest[at]}-{args.variant}" if args.variant != "none" else rest[at]
     patch_training(args.variant, args.ema_decay, args.lwf, args.replay)
     from flows.cli import main as synthdet
 

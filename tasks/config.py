@@ -319,6 +319,11 @@ class FinetuneConfig(Section):
     )
     device: str = Field("cpu", description='cpu, 0 (a GPU), or "0,1" for DDP over several GPUs.')
     lr0: Annotated[float, Field(gt=0, le=1)] = 0.001
+    lrf: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.01,
+        description="The learning rate falls linearly to lr0 x lrf by the end (ultralytics' lrf, over the epochs; "
+        "the experiment's one-epoch trials, over the steps); 1: lr0 throughout.",
+    )
     warmup_epochs: Annotated[float, Field(ge=0)] = Field(
         3.0,
         description="Ultralytics' warm-up (its bias learning rate starts at 0.1); 0 keeps trained weights steady.",
@@ -331,6 +336,11 @@ class FinetuneConfig(Section):
         "epoch's (a fixed budget, for when that split does not look like the target, e.g. synthetic images).",
     )
     seed: int = 0
+    freeze: Literal["head"] | Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="Layers kept as they are: head, the detection head (the model's last layer); n, the first n "
+        "layers; a list, those layer indices (ultralytics' freeze); null trains every layer.",
+    )
     mosaic: Fraction = 0.0
     scale: Fraction = Field(0.5, description="Random zoom range (ultralytics' scale); 0.5 can halve a small object.")
     workers: Annotated[int, Field(ge=0, le=64)] = 0
@@ -358,6 +368,18 @@ class FinetuneConfig(Section):
         description="A re-run with the same dataset version, settings and starting weights reuses the last "
         "fine-tune of this run name instead of training again; false always trains.",
     )
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _one_kind_of_freeze(cls, value: Any) -> Any:
+        """One clear message for a bad value, not one per kind the field accepts."""
+        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        listed = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        )
+        if value is None or value == "head" or whole or listed:
+            return value
+        raise ValueError(f"{value!r}: give head, a number of first layers, a list of layer indices, or null")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ def fingerprint(
     models = [generate.model if generate else None, ft.model, validate.model, cfg.labeller]
     settings = {
         "experiment": cfg.model_dump(mode="json", exclude=grid),
-        "finetune": ft.model_dump(mode="json", include=TRAINED_WITH),
+        "finetune": ft.model_dump(mode="json", include=TRAINED_WITH - unchanged_since_first_trials(ft)),
         "validate": validate.model_dump(mode="json"),
         "models": {m: model_digest(m) for m in models if m},
     }
@@ -413,16 +413,42 @@ def _link(source: Path, dest: Path) -> None:
 
 # The finetune fields train_detector reads: only these count in a trial's fingerprint, so a pipeline-only
 # change (epochs, warm-up, the registered model's name) leaves stored trials standing.
-TRAINED_WITH = {"model", "imgsz", "batch", "device", "lr0", "optimizer", "mosaic", "scale", "workers"}
+TRAINED_WITH = {"model", "imgsz", "batch", "device", "lr0", "lrf", "freeze", "optimizer", "mosaic", "scale", "workers"}
+
+
+def unchanged_since_first_trials(ft: FinetuneConfig) -> set[str]:
+    """The fields added since trials were first stored that keep their old behaviour here (lr0 throughout,
+    nothing frozen): left out of the fingerprint, so those trials stay valid."""
+    return {name for name, old in (("lrf", 1.0), ("freeze", None)) if getattr(ft, name) == old}
+
+
+def step_decay(lrf: float) -> Callable[[Any], None]:
+    """An ``on_train_batch_start`` callback: the learning rate falls linearly over the epoch's batches,
+    from lr0 at the first to lr0 x ``lrf`` at the last (ultralytics' own linear schedule moves once per
+    epoch, so over the experiment's single epoch it would hold lr0 throughout)."""
+
+    def callback(trainer: Any) -> None:
+        step = getattr(trainer, "synthdet_step", -1) + 1
+        trainer.synthdet_step = step
+        done = step / max(len(trainer.train_loader) - 1, 1)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * (1 - (1 - lrf) * done)
+
+    return callback
 
 
 def train_detector(start: str, data_yaml: Path, ft: FinetuneConfig, seed: int, out_dir: Path) -> Path:
     """One epoch over ``data_yaml``'s train list from ``start``: one optimizer step per batch of
     ``ft.batch`` images (nominal batch = batch), no warm-up (its bias learning rate of 0.1 would shake a
-    trained detector), ``ft.lr0`` throughout. Returns the last weights (nothing is selected)."""
+    trained detector), the learning rate falling linearly from ``ft.lr0`` to ``ft.lr0 x ft.lrf`` over the
+    steps, as the pipeline's fine-tune falls over its epochs. Returns the last weights (nothing is selected)."""
     from ultralytics import YOLO
 
+    from tasks.finetune import frozen_layers
+
     model = YOLO(start, task="detect")
+    if ft.lrf < 1:
+        model.add_callback("on_train_batch_start", step_decay(ft.lrf))
     model.train(
         data=str(data_yaml),
         epochs=1,
@@ -431,6 +457,8 @@ def train_detector(start: str, data_yaml: Path, ft: FinetuneConfig, seed: int, o
         nbs=ft.batch,
         device=ft.device,
         lr0=ft.lr0,
+        lrf=ft.lrf,
+        freeze=frozen_layers(model, ft.freeze),
         optimizer=ft.optimizer,
         warmup_epochs=0,
         seed=seed,

@@ -110,10 +110,12 @@ def finetune_detector(
         nbs=cfg.nbs,
         device=cfg.device,
         lr0=cfg.lr0,
+        lrf=cfg.lrf,
         warmup_epochs=cfg.warmup_epochs,
         optimizer=cfg.optimizer,
         patience=cfg.patience,
         seed=cfg.seed,
+        freeze=frozen_layers(model, cfg.freeze),
         deterministic=True,
         mosaic=cfg.mosaic,
         scale=cfg.scale,
@@ -133,6 +135,14 @@ def finetune_detector(
     metrics, per_class = evaluate_detector(weights, eval_data, cfg.eval_split, cfg, out_dir)
     plots = sorted(p for p in train_dir.glob("*") if p.suffix in {".png", ".jpg"})
     return FinetuneResult(weights, train_dir, metrics, per_class, plots)
+
+
+def frozen_layers(model: Any, freeze: str | int | list[int] | None) -> int | list[int] | None:
+    """``finetune.freeze`` as ultralytics takes it: ``head`` becomes the index of the model's last layer
+    (the detection head: 23 in every YOLO26 size), anything else passes through."""
+    if freeze != "head":
+        return freeze
+    return [len(model.model.model) - 1]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ def toy_params(tmp_path: Path, smoke_params: Path, world: Path, detector: Path) 
     raw["prompts"]["classes"] = [{"name": c, "count": 1} for c in CLASSES]
     raw["validate"]["model"] = raw["finetune"]["model"] = str(detector)
     raw["finetune"]["batch"] = 4
+    raw["finetune"]["freeze"] = "head"
     raw["experiment"] = {
         "k": [2], "seeds": [0], "real": str(world / "rare_scarce"), "replay": str(world / "common_train"),
         "replay_images": 4, "tests": str(world / "test"), "rare_conditions": ["fog", "night"], "synthetic_images": 4,
@@ -70,6 +71,20 @@ def test_experiment_flow_writes_table_runs_and_plots(
     for key in results["key"]:
         assert (out / key / "train" / "weights" / "last.pt").is_file()
         assert not (out / key / "data").exists()  # the padded training set is deleted after use
+    trained = out / "real-k2-s0-share1-conf0.002" / "train"
+    args_used = yaml.safe_load((trained / "args.yaml").read_text())
+    assert args_used["lrf"] < 1  # the learning rate has fallen to lr0 x lrf by the last step of the one epoch
+    assert pd.read_csv(trained / "results.csv")["lr/pg0"].iloc[-1] == pytest.approx(args_used["lr0"] * args_used["lrf"])
+    import torch  # finetune.freeze: head keeps the detection head (layer 23) as the starting weights have it
+
+    def layers(path: Path) -> dict[str, torch.Tensor]:
+        checkpoint = torch.load(path, weights_only=False)
+        return (checkpoint.get("ema") or checkpoint["model"]).state_dict()
+
+    before, after = layers(detector), layers(trained / "weights" / "last.pt")
+    head = [name for name in before if name.startswith("model.23.")]
+    assert head and all(torch.equal(before[name], after[name]) for name in head)
+    assert not torch.equal(before["model.0.conv.weight"], after["model.0.conv.weight"])  # the rest learnt
 
     comparison = (out / "comparison.md").read_text()
     assert "| real | 2 | 1 |" in comparison and "| validated | 2 | 1 |" in comparison

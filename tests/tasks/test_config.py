@@ -56,6 +56,8 @@ finetune: {model: f.pt}
         ("validate: {model: v.pt, conf: 1.5}", "validate.conf", "less than or equal to 1"),
         ("finetune: {model: f.pt, epochs: -1}", "finetune.epochs", "greater than 0"),
         ("finetune: {model: f.pt, epochs: many}", "finetune.epochs", "valid integer"),
+        ("finetune: {model: f.pt, freeze: neck}", "finetune.freeze", "'neck': give head, a number of first layers"),
+        ("finetune: {model: f.pt, lrf: 0}", "finetune.lrf", "greater than 0"),
         ("dataset: {name: ../escape}", "dataset.name", "should match pattern"),
         ("run_name: a/b", "run_name", "should match pattern"),
         ("prompts: {classes: []}", "prompts.classes", "class list is empty"),

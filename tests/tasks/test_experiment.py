@@ -131,6 +131,10 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     pipeline_only = {"epochs": 3, "warmup_epochs": 0.0, "nbs": 16, "registered_model": "other"}
     assert fingerprint(ExperimentConfig(), ft.model_copy(update=pipeline_only), gen, validate) == base
     assert fingerprint(ExperimentConfig(), ft.model_copy(update={"scale": 0.1}), gen, validate) != base
+    constant = fingerprint(ExperimentConfig(), ft.model_copy(update={"lrf": 1.0}), gen, validate)
+    assert (
+        len({base, constant, fingerprint(ExperimentConfig(), ft.model_copy(update={"lrf": 0.1}), gen, validate)}) == 3
+    )
     assert fingerprint(ExperimentConfig(), ft, GenerateConfig(model="other-generator"), validate) != base
     assert fingerprint(ExperimentConfig(), ft, gen.model_copy(update={"guidance_scale": 9.0}), validate) != base
     unaffected = fingerprint(ExperimentConfig(), ft, None, validate)  # e.g. the real arm: no generator
@@ -167,3 +171,17 @@ def test_fingerprint_follows_the_settings_not_the_grid(tmp_path: Path) -> None:
     weights.write_bytes(b"weights 2")  # retrained in place: same path, other figures
     assert fingerprint(ExperimentConfig(), ft, gen, validate) != base
     assert fingerprint(ExperimentConfig(), ft, None, validate) != unaffected
+
+
+def test_step_decay_falls_from_lr0_to_lr0_times_lrf_over_the_batches() -> None:
+    from types import SimpleNamespace
+
+    from tasks.experiment import step_decay
+
+    groups = [{"initial_lr": 1e-3, "lr": 1e-3}, {"initial_lr": 2e-3, "lr": 2e-3}]
+    trainer = SimpleNamespace(optimizer=SimpleNamespace(param_groups=groups), train_loader=[None] * 5)
+    callback, seen = step_decay(0.2), []
+    for _ in range(5):
+        callback(trainer)
+        seen += [g["lr"] for g in groups]
+    assert seen == pytest.approx([1e-3, 2e-3, 8e-4, 1.6e-3, 6e-4, 1.2e-3, 4e-4, 8e-4, 2e-4, 4e-4])

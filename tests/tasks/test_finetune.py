@@ -62,9 +62,10 @@ def test_finetune_keeps_the_selected_weights_and_passes_the_schedule_on(
 
     data = write_split(tmp_path / "set", 6, ["plain"], seed=0, val="images")
     start = build_tiny_detector(tmp_path / "start.pt", list(CLASSES), seed=0)
-    cfg = FinetuneConfig(model=str(start), epochs=2, imgsz=32, batch=4, nbs=4, lr0=1e-4, warmup_epochs=0,
-                         select=select, plots=False)  # fmt: skip
+    cfg = FinetuneConfig(model=str(start), epochs=2, imgsz=32, batch=4, nbs=4, lr0=1e-4, lrf=0.1, warmup_epochs=0,
+                         select=select, plots=False, freeze="head")  # fmt: skip
     result = finetune_detector(cfg, data / "data.yaml", tmp_path / "out")
     assert result.weights == tmp_path / "out" / "train" / "weights" / f"{select}.pt"
     args = yaml.safe_load((tmp_path / "out" / "train" / "args.yaml").read_text())
-    assert (args["nbs"], args["warmup_epochs"], args["lr0"]) == (4, 0, 1e-4)
+    assert (args["nbs"], args["warmup_epochs"], args["lr0"], args["lrf"]) == (4, 0, 1e-4, 0.1)
+    assert args["freeze"] == [23]  # "head": YOLO26's detection head is its last layer, 23

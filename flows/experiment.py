@@ -143,12 +143,24 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     done = pd.read_parquet(results_path) if results_path.is_file() else pd.DataFrame(columns=["key", "fingerprint"])
     detail, restyle = ctx.params.dataset.detail, ctx.params.dataset.restyle
     fp = {arm: fingerprint_of(ctx, cfg, arm) for arm in ARMS}
+    sets = ex.held_out_sets(cfg)
+    digest = ex.tests_digest(sets)
     stale = pd.Series([row.get("fingerprint") != fp[row["arm"]] for row in done.to_dict("records")], index=done.index,
                       dtype=bool)  # fmt: skip
     if stale.any():
         logger.warning("experiment %s: %d stored trials were made with other settings; they run again",
                        cfg.name, int(stale.sum()))  # fmt: skip
-        done = done[~stale]
+    # A row from before the tests' digest was stored is taken as scored on today's tests, and stamped.
+    rescored = pd.Series([isinstance(row.get("tests_digest"), str) and row["tests_digest"] != digest
+                          for row in done.to_dict("records")], index=done.index, dtype=bool) & ~stale  # fmt: skip
+    if rescored.any():
+        logger.warning("experiment %s: %d stored trials were scored on other held-out sets (the files under %s "
+                       "changed); they run again (`python -m bench.rescore` scores stored weights without "
+                       "training)", cfg.name, int(rescored.sum()), cfg.tests)  # fmt: skip
+    legacy = "tests_digest" not in done or done["tests_digest"].isna().any()
+    done = done[~(stale | rescored)].assign(tests_digest=digest)
+    if legacy and len(done):
+        write_parquet_atomic(done, results_path)
     tags = {
         "synthdet.flow": "experiment",
         "synthdet.experiment": cfg.name,
@@ -179,14 +191,13 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
             sources.restyle = ex.Restyling(restyle_stats(restyle), restyle.share, ctx.ws.restyled)
             logger.info("experiment %s: common images recoloured to the colours of %s", cfg.name,
                         ", ".join(sources.restyle.colours))  # fmt: skip
-        sets = ex.held_out_sets(cfg)
         logger.info("experiment %s: %d trials, %d already done", cfg.name, len(trials), len(trials) - len(todo))
         for row in done[done["key"].isin({t.key for t in trials})].to_dict("records"):
             log_reused(ctx, row, cfg, parent)
         rows = done.to_dict("records")
         for trial in todo:
             row = run_trial(ctx, trial, cfg, sources, sets, out_dir, done, parent)
-            rows.append({**row, "fingerprint": fp[trial.arm]})
+            rows.append({**row, "fingerprint": fp[trial.arm], "tests_digest": digest})
             done = pd.DataFrame(rows)
             write_parquet_atomic(done, results_path)
         results = done[done["key"].isin({t.key for t in trials})]

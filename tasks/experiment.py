@@ -492,6 +492,23 @@ def held_out_sets(cfg: ExperimentConfig) -> dict[str, Path]:
     return sets
 
 
+def tests_digest(sets: dict[str, Path], split: str = "val") -> str:
+    """What the scores depend on besides the weights: the bytes of every held-out image and its labels.
+    A trial's fingerprint holds the tests' folder, not what is in it, so this is stored beside it."""
+    import hashlib
+
+    from tasks.finetune import label_file, split_files
+
+    digest = hashlib.sha256()
+    for condition, data_yaml in sorted(sets.items()):
+        digest.update(condition.encode())
+        for image in split_files(data_yaml, split):
+            labels = label_file(image)
+            digest.update(hashlib.sha256(image.read_bytes()).digest())
+            digest.update(hashlib.sha256(labels.read_bytes() if labels.is_file() else b"").digest())
+    return digest.hexdigest()[:16]
+
+
 def score(weights: Path | str, sets: dict[str, Path], ft: FinetuneConfig, cfg: ExperimentConfig, out_dir: Path):
     """mAP50-95 and mAP50 of ``weights`` on each condition's test set, mAP50-95 per class, and their
     means over the rare (``rare.*``) and the common (``common.*``) conditions.

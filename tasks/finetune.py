@@ -31,15 +31,30 @@ class FinetuneResult:
     plots: list[Path] = field(default_factory=list)
 
 
-def count_images(data_yaml: Path, split: str) -> int:
-    """Images listed for a split of a YOLO ``data.yaml`` (paths relative to the file)."""
+def split_files(data_yaml: Path, split: str) -> list[Path]:
+    """The files of a split of a YOLO ``data.yaml`` (folders relative to the file), in sorted order."""
     data = yaml.safe_load(data_yaml.read_text()) or {}
     if split not in data:
-        return 0
+        return []
     root = Path(data.get("path") or ".")
     root = root if root.is_absolute() else data_yaml.parent / root
     folders = data[split] if isinstance(data[split], list) else [data[split]]  # a list of folders is allowed
-    return sum(sum(1 for p in (root / f).rglob("*") if p.is_file()) for f in folders if (root / f).is_dir())
+    return [p for f in folders if (root / f).is_dir() for p in sorted((root / f).rglob("*")) if p.is_file()]
+
+
+def count_images(data_yaml: Path, split: str) -> int:
+    """Images listed for a split of a YOLO ``data.yaml`` (paths relative to the file)."""
+    return len(split_files(data_yaml, split))
+
+
+def label_file(image: Path) -> Path:
+    """Where ultralytics looks for an image's labels: the last ``images`` folder of its path becomes
+    ``labels``, the suffix ``.txt``."""
+    parts = list(image.parts)
+    at = len(parts) - 1 - parts[::-1].index("images") if "images" in parts[:-1] else None
+    if at is not None:
+        parts[at] = "labels"
+    return Path(*parts).with_suffix(".txt")
 
 
 def evaluate_detector(weights: Path | str, data_yaml: Path, split: str, cfg: FinetuneConfig, out_dir: Path):

@@ -131,3 +131,18 @@ def test_experiment_flow_writes_table_runs_and_plots(
     assert sorted(rerun["key"]) == sorted(results["key"])
     kept = "real-k2-s0-share1-conf0.002"  # the same stored trial, not trained again
     assert rerun.set_index("key").at[kept, "mlflow_run_id"] == results.set_index("key").at[kept, "mlflow_run_id"]
+
+    # Results stored before the tests' digest existed are taken as scored on today's tests, and stamped.
+    rerun.drop(columns=["tests_digest"]).to_parquet(out / "results.parquet")
+    legacy = runner.invoke(app, args)
+    assert legacy.exit_code == 0, legacy.output + repr(legacy.exception)
+    assert "4 trials (0 run now)" in legacy.output
+    assert pd.read_parquet(out / "results.parquet")["tests_digest"].nunique() == 1
+
+    # Other held-out files at the same path: no stored figure stands, every trial runs again.
+    label = sorted((toy_world / "test" / "fog" / "labels").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")
+    moved = runner.invoke(app, args)
+    assert moved.exit_code == 0, moved.output + repr(moved.exception)
+    assert "4 trials (4 run now)" in moved.output
+    assert pd.read_parquet(out / "results.parquet")["tests_digest"].nunique() == 1

@@ -185,3 +185,20 @@ def test_step_decay_falls_from_lr0_to_lr0_times_lrf_over_the_batches() -> None:
         callback(trainer)
         seen += [g["lr"] for g in groups]
     assert seen == pytest.approx([1e-3, 2e-3, 8e-4, 1.6e-3, 6e-4, 1.2e-3, 4e-4, 8e-4, 2e-4, 4e-4])
+
+
+def test_tests_digest_follows_the_held_out_images_and_labels(tmp_path: Path) -> None:
+    from tasks.experiment import tests_digest
+    from tasks.world import write_split
+
+    sets = {c: write_split(tmp_path / c, 3, [c], seed=n, val="images") / "data.yaml"
+            for n, c in enumerate(["fog", "plain"])}  # fmt: skip
+    first = tests_digest(sets)
+    assert tests_digest(sets) == first
+    label = sorted((tmp_path / "fog" / "labels").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")
+    relabelled = tests_digest(sets)
+    assert relabelled != first
+    image = sorted((tmp_path / "plain" / "images").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert tests_digest(sets) != relabelled

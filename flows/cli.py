@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -510,7 +511,15 @@ def tiny_models(
     typer.echo(f"built {out}/generator and {out}/validator.pt")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # SIGTERM (`kill`, a scheduler, a container stopping) unwinds like Ctrl-C: locks are released and the
+    # temporary Prefect API server a run starts is stopped by its exit hook instead of being left running.
+    # Inside a flow, Prefect's own handler takes over and hands back to this one when the run ends.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app(prog_name="synthdet")
 
 

@@ -151,14 +151,14 @@ def _run(ctx: stages.StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
         logger.warning("experiment %s: %d stored trials were made with other settings; they run again",
                        cfg.name, int(stale.sum()))  # fmt: skip
     # A row from before the tests' digest was stored is taken as scored on today's tests, and stamped.
-    rescored = pd.Series([isinstance(row.get("tests_digest"), str) and row["tests_digest"] != digest
+    retested = pd.Series([isinstance(row.get("tests_digest"), str) and row["tests_digest"] != digest
                           for row in done.to_dict("records")], index=done.index, dtype=bool) & ~stale  # fmt: skip
-    if rescored.any():
+    if retested.any():
         logger.warning("experiment %s: %d stored trials were scored on other held-out sets (the files under %s "
                        "changed); they run again (`python -m bench.rescore` scores stored weights without "
-                       "training)", cfg.name, int(rescored.sum()), cfg.tests)  # fmt: skip
+                       "training)", cfg.name, int(retested.sum()), cfg.tests)  # fmt: skip
     legacy = "tests_digest" not in done or done["tests_digest"].isna().any()
-    done = done[~(stale | rescored)].assign(tests_digest=digest)
+    done = done[~(stale | retested)].assign(tests_digest=digest)
     if legacy and len(done):
         write_parquet_atomic(done, results_path)
     tags = {

@@ -497,13 +497,15 @@ def tests_digest(sets: dict[str, Path], split: str = "val") -> str:
     A trial's fingerprint holds the tests' folder, not what is in it, so this is stored beside it."""
     import hashlib
 
-    from tasks.finetune import label_file, split_files
+    from ultralytics.data.utils import img2label_paths
+
+    from tasks.finetune import split_files
 
     digest = hashlib.sha256()
     for condition, data_yaml in sorted(sets.items()):
         digest.update(condition.encode())
-        for image in split_files(data_yaml, split):
-            labels = label_file(image)
+        images = split_files(data_yaml, split)
+        for image, labels in zip(images, map(Path, img2label_paths(images)), strict=True):
             digest.update(hashlib.sha256(image.read_bytes()).digest())
             digest.update(hashlib.sha256(labels.read_bytes() if labels.is_file() else b"").digest())
     return digest.hexdigest()[:16]

@@ -47,16 +47,6 @@ def count_images(data_yaml: Path, split: str) -> int:
     return len(split_files(data_yaml, split))
 
 
-def label_file(image: Path) -> Path:
-    """Where ultralytics looks for an image's labels: the last ``images`` folder of its path becomes
-    ``labels``, the suffix ``.txt``."""
-    parts = list(image.parts)
-    at = len(parts) - 1 - parts[::-1].index("images") if "images" in parts[:-1] else None
-    if at is not None:
-        parts[at] = "labels"
-    return Path(*parts).with_suffix(".txt")
-
-
 def evaluate_detector(weights: Path | str, data_yaml: Path, split: str, cfg: FinetuneConfig, out_dir: Path):
     """mAP50, mAP50-95, precision and recall of ``weights`` on one split, and mAP50-95 per class."""
     from ultralytics import YOLO

@@ -442,10 +442,11 @@ class TrainGeneratorConfig(Section):
     text_layers: PositiveInt = 2
     unet_channels: list[PositiveInt] = Field(default_factory=lambda: [48, 96, 96], min_length=2, max_length=4)
     unet_layers: PositiveInt = 1
-    unet_attention_finest: bool = Field(
-        False,
-        description="Cross-attention to the caption at the finest latent level too (16 x 16 for 64 px images), "
-        "where shapes' outlines are drawn; by default only the coarser levels attend to it.",
+    unet_plain_levels: Annotated[int, Field(ge=0)] = Field(
+        1,
+        description="UNet levels, from the finest, built without cross-attention to the caption (plain residual "
+        "blocks); the coarser ones attend to it. 0 attends at every level, which cost the rare conditions most "
+        "of their fidelity (docs/generator.md); 2 suits a 32 x 32 latent, whose finest attention would be costly.",
     )
     unet_steps: Annotated[int, Field(ge=0)] = 2600
     unet_batch: PositiveInt = 64
@@ -476,6 +477,15 @@ class TrainGeneratorConfig(Section):
         "zero_terminal_snr implies it.",
     )
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.998
+
+    @model_validator(mode="after")
+    def _some_level_attends(self) -> TrainGeneratorConfig:
+        if self.unet_plain_levels >= len(self.unet_channels):
+            raise ValueError(
+                f"train-generator.unet_plain_levels: {self.unet_plain_levels} of the UNet's {len(self.unet_channels)} "
+                "levels without the caption leaves none to read it; give fewer"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def build_parts(cfg: TrainGeneratorConfig, vocabulary: list[str]):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    plain = 0 if cfg.unet_attention_finest else 1  # levels without cross-attention, from the finest
+    plain = cfg.unet_plain_levels  # levels without cross-attention, from the finest
     down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - plain)
     up = ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - plain) + ("UpBlock2D",) * plain
     unet = UNet2DConditionModel(

@@ -58,6 +58,11 @@ finetune: {model: f.pt}
         ("finetune: {model: f.pt, epochs: many}", "finetune.epochs", "valid integer"),
         ("finetune: {model: f.pt, freeze: neck}", "finetune.freeze", "'neck': give head, a number of first layers"),
         ("finetune: {model: f.pt, lrf: 0}", "finetune.lrf", "greater than 0"),
+        (
+            "train-generator: {unet_channels: [32, 64], unet_plain_levels: 2}",
+            "train-generator",
+            "unet_plain_levels: 2 of the UNet's 2 levels without the caption leaves none",
+        ),
         ("dataset: {name: ../escape}", "dataset.name", "should match pattern"),
         ("run_name: a/b", "run_name", "should match pattern"),
         ("prompts: {classes: []}", "prompts.classes", "class list is empty"),

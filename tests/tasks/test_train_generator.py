@@ -140,12 +140,29 @@ def test_the_unets_settings_leave_the_autoencoder_alone(tmp_path: Path) -> None:
 
 def test_the_finest_level_can_attend_to_the_caption(tmp_path: Path) -> None:
     images, captions = captioned(6)
-    cfg = TINY.model_copy(update={"unet_attention_finest": True})
+    cfg = TINY.model_copy(update={"unet_plain_levels": 0})
     train_generator(images, captions, cfg, tmp_path / "g", progress=False)
     unet = load_pipeline(GenerateConfig(model=str(tmp_path / "g"))).pipe.unet
     assert unet.config.down_block_types == ["CrossAttnDownBlock2D"] * 2
     assert unet.config.up_block_types == ["CrossAttnUpBlock2D"] * 2
     assert hasattr(unet.down_blocks[0], "attentions")  # the 16 x 16 level attends to the text
+
+
+def test_a_32_pixel_latent_keeps_its_two_finest_levels_plain(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    cfg = TINY.model_copy(
+        update={"vae_channels": [8, 16], "latent_channels": 4, "unet_channels": [16, 16, 32], "unet_plain_levels": 2}
+    )
+    train_generator(images, captions, cfg, tmp_path / "g", progress=False)
+    gen = GenerateConfig(model=str(tmp_path / "g"), num_inference_steps=2, batch_size=2)
+    loaded = load_pipeline(gen)
+    unet = loaded.pipe.unet
+    assert unet.config.sample_size == 32 and loaded.pipe.vae_scale_factor == 2  # one downsampling: 32 x 32 latents
+    assert unet.config.down_block_types == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"]
+    prompts = pd.DataFrame({"prompt": ["a red circle, fog"], "negative_prompt": [""], "seed": [1]})
+    table = generate_images(loaded, prompts, gen, tmp_path / "images", progress=False)
+    with Image.open(table["path"][0]) as image:
+        assert image.size == (64, 64)
 
 
 def test_an_autoencoder_can_be_reused_and_must_fit(tmp_path: Path) -> None:

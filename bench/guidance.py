@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layout", action="store_true",
                         help="prompts also ask for a size and a place ('a small red star at top left, fog'); "
                         "reports how often the found box agrees with them")  # fmt: skip
+    parser.add_argument("--negative", choices=["none", "others"], default="none",
+                        help="others: each prompt's negative prompt names the other classes in its colour and "
+                        "condition ('a red square and a red triangle and a red star, fog' for a red circle)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/guidance.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -94,6 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     from tasks.world import COMMON_CONDITIONS, CONDITIONS
 
     prompts = ev.prompt_table(CLASSES, CONDITIONS, args.per_cell, seed=0, layout=args.layout)
+    if args.negative == "others":
+        prompts["negative_prompt"] = [
+            " and ".join(f"a {p['colour']} {c}" for c in CLASSES if c != p["class"]) + f", {p['condition']}"
+            for p in prompts.to_dict("records")
+        ]
     pipe = StableDiffusionPipeline.from_pretrained(args.generator, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     if SCHEDULERS[args.scheduler]:
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         for start in range(0, len(prompts), 32):
             chunk = prompts.iloc[start : start + 32]
             seeds = [torch.Generator().manual_seed(int(s)) for s in chunk["seed"]]
-            out = pipe(list(chunk["prompt"]), num_inference_steps=args.steps, guidance_scale=scale, height=64,
+            negative = list(chunk["negative_prompt"]) if args.negative != "none" else None
+            out = pipe(list(chunk["prompt"]), negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=scale, height=64,
                        width=64, generator=seeds, output_type="np",
                        callback_on_step_end=guidance_cutoff(args.steps, until),
                        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip

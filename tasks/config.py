@@ -440,6 +440,20 @@ class TrainGeneratorConfig(Section):
     max_tokens: Annotated[int, Field(ge=4, le=77)] = 20
     text_width: PositiveInt = 64
     text_layers: PositiveInt = 2
+    train_text_encoder: bool = Field(
+        True,
+        description="Train the text encoder with the UNet; false keeps it as it starts (seeded random weights, or "
+        "those of text_pretrain_steps). Trained jointly, it drew the shape words together (circle beside square, "
+        "triangle beside star); kept random, they stay apart, yet the UNet hardly responds to them either "
+        "(docs/generator.md).",
+    )
+    text_pretrain_steps: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Steps of CLIP's contrastive objective (captions matched to their images' latents) that "
+        "train the text encoder before the UNet starts, so every caption word is told apart; 0 skips them.",
+    )
+    text_pretrain_batch: Annotated[int, Field(ge=2)] = 256
+    text_pretrain_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
     unet_channels: list[PositiveInt] = Field(default_factory=lambda: [48, 96, 96], min_length=2, max_length=4)
     unet_layers: PositiveInt = 1
     unet_plain_levels: Annotated[int, Field(ge=0)] = Field(

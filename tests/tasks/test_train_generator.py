@@ -165,6 +165,38 @@ def test_a_32_pixel_latent_keeps_its_two_finest_levels_plain(tmp_path: Path) -> 
         assert image.size == (64, 64)
 
 
+def test_a_frozen_text_encoder_keeps_its_seeded_weights(tmp_path: Path) -> None:
+    images, captions = captioned(6)
+    frozen = TINY.model_copy(update={"train_text_encoder": False})
+    train_generator(images, captions, frozen, tmp_path / "short", progress=False)
+    train_generator(images, captions, frozen.model_copy(update={"unet_steps": 6}), tmp_path / "long", progress=False)
+    train_generator(images, captions, TINY, tmp_path / "trained", progress=False)
+    assert weights(tmp_path / "short", "text_encoder") == weights(tmp_path / "long", "text_encoder")
+    assert weights(tmp_path / "short", "unet") != weights(tmp_path / "long", "unet")
+    assert weights(tmp_path / "short", "text_encoder") != weights(tmp_path / "trained", "text_encoder")
+
+
+def test_caption_mask_keeps_the_tokens_up_to_the_first_end() -> None:
+    import torch
+
+    from tasks.train_generator import caption_mask
+
+    ids = torch.tensor([[0, 5, 7, 1, 1, 1], [0, 5, 7, 8, 9, 1]])  # 1 ends a caption and pads it
+    assert caption_mask(ids, eos=1).tolist() == [[True] * 4 + [False] * 2, [True] * 6]
+
+
+def test_contrastive_pretraining_teaches_the_text_encoder_before_the_unet(tmp_path: Path) -> None:
+    images, captions = captioned(8)
+    frozen = TINY.model_copy(update={"train_text_encoder": False})
+    train_generator(images, captions, frozen, tmp_path / "random", progress=False)
+    pretrained = frozen.model_copy(update={"text_pretrain_steps": 4, "text_pretrain_batch": 4})
+    train_generator(images, captions, pretrained, tmp_path / "a", progress=False)
+    train_generator(images, captions, pretrained, tmp_path / "b", progress=False)
+    assert weights(tmp_path / "a", "text_encoder") != weights(tmp_path / "random", "text_encoder")
+    assert weights(tmp_path / "a", "text_encoder") == weights(tmp_path / "b", "text_encoder")  # seeded
+    assert weights(tmp_path / "a", "vae") == weights(tmp_path / "random", "vae")
+
+
 def test_an_autoencoder_can_be_reused_and_must_fit(tmp_path: Path) -> None:
     images, captions = captioned(6)
     train_generator(images, captions, TINY, tmp_path / "a", progress=False)

@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         for start in range(0, len(prompts), 32):
             chunk = prompts.iloc[start : start + 32]
             seeds = [torch.Generator().manual_seed(int(s)) for s in chunk["seed"]]
-            negative = list(chunk["negative_prompt"]) if args.negative != "none" else None
-            out = pipe(list(chunk["prompt"]), negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=scale, height=64,
-                       width=64, generator=seeds, output_type="np",
+            out = pipe(list(chunk["prompt"]), negative_prompt=list(chunk["negative_prompt"]),  # "" = unconditional
+                       num_inference_steps=args.steps, guidance_scale=scale, height=64, width=64, generator=seeds,
+                       output_type="np",
                        callback_on_step_end=guidance_cutoff(args.steps, until),
                        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
             images += to_bgr(out)

@@ -36,6 +36,14 @@ def weights(folder: Path, part: str) -> bytes:
     return path.read_bytes()
 
 
+def drawn_size(loaded, cfg: GenerateConfig, out_dir: Path) -> tuple[int, int]:
+    """The size of the image a loaded pipeline draws for one prompt through the generate stage's code."""
+    prompts = pd.DataFrame({"prompt": ["a red circle, fog"], "negative_prompt": [""], "seed": [1]})
+    table = generate_images(loaded, prompts, cfg, out_dir, progress=False)
+    with Image.open(table["path"][0]) as image:
+        return image.size
+
+
 def test_trains_saves_and_loads_like_any_pipeline(tmp_path: Path) -> None:
     images, captions = captioned(8)
     steps: list[tuple[str, int]] = []
@@ -56,10 +64,7 @@ def test_trains_saves_and_loads_like_any_pipeline(tmp_path: Path) -> None:
     loaded = load_pipeline(cfg)
     assert loaded.pipe.tokenizer("a red circle, fog").input_ids[1:5] != [loaded.pipe.tokenizer.unk_token_id] * 4
     assert loaded.pipe.vae.config.scaling_factor > 0 and loaded.pipe.unet.dtype.is_floating_point
-    prompts = pd.DataFrame({"prompt": ["a red circle, fog"], "negative_prompt": [""], "seed": [1]})
-    table = generate_images(loaded, prompts, cfg, tmp_path / "images", progress=False)
-    with Image.open(table["path"][0]) as image:
-        assert image.size == (64, 64)
+    assert drawn_size(loaded, cfg, tmp_path / "images") == (64, 64)
 
 
 def test_zero_terminal_snr_trains_v_prediction_and_samples_from_the_last_step(tmp_path: Path) -> None:
@@ -159,10 +164,7 @@ def test_a_32_pixel_latent_keeps_its_two_finest_levels_plain(tmp_path: Path) -> 
     unet = loaded.pipe.unet
     assert unet.config.sample_size == 32 and loaded.pipe.vae_scale_factor == 2  # one downsampling: 32 x 32 latents
     assert unet.config.down_block_types == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"]
-    prompts = pd.DataFrame({"prompt": ["a red circle, fog"], "negative_prompt": [""], "seed": [1]})
-    table = generate_images(loaded, prompts, gen, tmp_path / "images", progress=False)
-    with Image.open(table["path"][0]) as image:
-        assert image.size == (64, 64)
+    assert drawn_size(loaded, gen, tmp_path / "images") == (64, 64)
 
 
 def test_a_frozen_text_encoder_keeps_its_seeded_weights(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ to choose ``generate.guidance_scale`` for a generator.
     python -m bench.guidance --scales 1,4,7.5,10,14 --per-cell 12
     python -m bench.guidance --scales 10 --until 1,0.5,0.3     # guide only the first steps
     python -m bench.guidance --scales 10 --layout --generator DIR   # prompts that ask for size and place
+    python -m bench.guidance --scales 10 --class-guidance 0,50,100  # steer by the pipeline's class guide
 
 Prints a table and writes ``bench/results/guidance.json``.
 """
@@ -81,6 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--negative", choices=["none", "others"], default="none",
                         help="others: each prompt's negative prompt names the other classes in its colour and "
                         "condition ('a red square and a red triangle and a red star, fog' for a red circle)")  # fmt: skip
+    parser.add_argument("--class-guidance", default="0",
+                        help="comma-separated scales of classifier guidance by the generator's class_guide/ "
+                        "(generate.class_guidance; 0: none)")  # fmt: skip
+    parser.add_argument("--class-from", default="0",
+                        help="comma-separated shares of the steps run before class guidance starts "
+                        "(generate.class_guidance_from)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/guidance.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ultralytics import YOLO
 
     from tasks import evaluate_default as ev
+    from tasks.class_guide import GUIDE_DIR, LatentClassifier, chain, guidance_step
     from tasks.generation import guidance_cutoff
     from tasks.layout import agrees
     from tasks.world import COMMON_CONDITIONS, CONDITIONS
@@ -111,21 +119,32 @@ def main(argv: list[str] | None = None) -> dict:
     judges = {"validator": YOLO(str(args.validator)), "reference": YOLO(str(args.reference))}
     rows = []
     untils = [float(u) for u in args.until.split(",")]
-    for scale, until in ((float(s), u) for s in args.scales.split(",") for u in untils):
+    steers = [(float(c), float(f)) for c in args.class_guidance.split(",") for f in args.class_from.split(",")]
+    guide = (
+        LatentClassifier.from_pretrained(args.generator / GUIDE_DIR, local_files_only=True)
+        if any(c for c, _ in steers)
+        else None
+    )
+    settings = ((float(s), u, c) for s in args.scales.split(",") for u in untils for c in steers)
+    for scale, until, (steer, steer_from) in settings:
         began = time.perf_counter()
         images = []
         for start in range(0, len(prompts), 32):
             chunk = prompts.iloc[start : start + 32]
             seeds = [torch.Generator().manual_seed(int(s)) for s in chunk["seed"]]
+            ids = [guide.config.classes.index(c) for c in chunk["class"]] if guide else []
+            steering = guidance_step(guide, ids, steer, steer_from) if steer else None
+            step = chain(guidance_cutoff(args.steps, until), steering)
             out = pipe(list(chunk["prompt"]), negative_prompt=list(chunk["negative_prompt"]),  # "" = unconditional
                        num_inference_steps=args.steps, guidance_scale=scale, height=64, width=64, generator=seeds,
                        output_type="np",
-                       callback_on_step_end=guidance_cutoff(args.steps, until),
+                       callback_on_step_end=step,
                        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
             images += to_bgr(out)
         seconds = time.perf_counter() - began
         fidelity, detections = judge_all(judges, prompts, images)  # the judge that counts, as evaluate-default
-        row = {"guidance": scale, "until": until, "images": len(images), "fidelity": round(fidelity["overall"], 3)}
+        row = {"guidance": scale, "until": until, "class guidance": steer, "from": steer_from, "images": len(images),
+               "fidelity": round(fidelity["overall"], 3)}  # fmt: skip
         if args.layout:  # found with the size and place asked for, by the judge that counts
             judge = ["validator" if c in COMMON_CONDITIONS else "reference" for c in prompts["condition"]]
             placed = [
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(rows))
     settings = {k: str(v) for k, v in vars(args).items() if k != "out"}
     best = max(rows, key=lambda r: r["fidelity"])
-    figures = {"rows": rows, "best": {"guidance": best["guidance"], "until": best["until"]}}
+    figures = {"rows": rows, "best": {k: best[k] for k in ("guidance", "until", "class guidance", "from")}}
     write_result("guidance", argv, settings, figures, load, args.out)
     return figures
 

@@ -301,6 +301,27 @@ def train_generator(
     _run_stage(params, workspace, debug, "train-generator", data=data, out=out)
 
 
+@app.command("train-guide")
+def train_guide(
+    generator: Annotated[Path, typer.Option(help="The pipeline folder that gains class_guide/.")] = Path(
+        "models/generator"
+    ),
+    data: Annotated[Path, typer.Option(help="A captioned folder: images/ and captions.parquet.")] = Path(
+        "data/world/captioned"
+    ),
+    params: ParamsOption = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Train a pipeline's class guide, which generate.class_guidance samples with (params: train-generator.guide_*).
+
+    A classifier of noisy latents, taught by the captions which of the prompts' classes each image shows
+    (tasks/class_guide.py). It needs the pipeline's own autoencoder, not its UNet: train-generator trains
+    the same guide when its guide_steps is set.
+    """
+    _run_stage(params, workspace, debug, "train-guide", data=data, generator=generator)
+
+
 @app.command("evaluate-default")
 def evaluate_default(
     world: Annotated[Path, typer.Option(help="The world's data sets (needs test/<condition>/).")] = Path("data/world"),

@@ -18,15 +18,18 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tasks.config import FinetuneConfig, ImagesByValue, Params
+from tasks.config import GUIDE_DIR, FinetuneConfig, ImagesByValue, Params
 from tasks.finetune import Guard
 from tasks.shards import MapShards
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace, atomic_path, write_parquet_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from tasks.class_guide import GuideResult
 
 log = logging.getLogger(__name__)
 
@@ -537,22 +540,63 @@ def train_generator(ctx: StageContext, data: Path, out: Path) -> dict[str, Any]:
             ctx.tracker.log_metrics(run_id, {f"{phase}_loss": loss}, step=step)
 
         began = time.perf_counter()
-        result = train(images, captions, ctx.params.train_generator, out, ctx.progress, on_step, layout_captions)
-        seconds = time.perf_counter() - began  # both phases, the latents and saving
+        cfg = ctx.params.train_generator
+        classes = class_names(ctx.params)
+        result = train(images, captions, cfg, out, ctx.progress, on_step, layout_captions, classes)
+        seconds = time.perf_counter() - began  # every phase, the latents and saving
         figures = {
             "vae_seconds": result.vae_seconds,
             "unet_seconds": result.unet_seconds,
             "vae_loss": result.vae_loss,
             "unet_loss": result.unet_loss,
+            **(guide_figures(result.guide) if result.guide else {}),
             "train_seconds": seconds,
             "size_mb": result.size_bytes / 1e6,
             "images": len(images),
         }
         ctx.tracker.log_metrics(run_id, figures)
-        cfg = ctx.params.train_generator.model_dump(mode="json")
         command = f"synthdet train-generator --data {data} --out {out}"
-        write_training_record(out, seconds, figures["size_mb"], command, cfg, figures)
+        write_training_record(out, seconds, figures["size_mb"], command, cfg.model_dump(mode="json"), figures)
     return {**figures, "path": str(result.path)}
+
+
+def guide_figures(guide: GuideResult) -> dict[str, float]:
+    """A class guide's training time, last loss and held-out accuracy per timestep, as flat metrics."""
+    accuracy = {f"guide_accuracy_t{t}": value for t, value in guide.accuracy.items()}
+    return {"guide_seconds": guide.seconds, "guide_loss": guide.loss, **accuracy}
+
+
+def train_guide(ctx: StageContext, data: Path, generator: Path) -> dict[str, Any]:
+    """Train the class guide of the pipeline at ``generator`` on a captioned folder; save it in the pipeline.
+
+    Its settings are train-generator's ``guide_*``, its classes the prompts' classes. The pipeline's
+    training record (``<generator>.json``), if there is one, gains a ``class_guide`` entry.
+    """
+    from tasks.train_generator import load_captioned, train_guide_for
+
+    if not (generator / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"--generator: {generator}: not a pipeline folder with an autoencoder (vae/)")
+    images, captions, _ = load_captioned(data)
+    cfg = ctx.params.train_generator
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k.startswith("guide_") or k == "seed"}
+    tags = {"synthdet.stage": "train-guide", "data": str(data), "generator": str(generator), **ctx.owner_tags()}
+    with ctx.tracker.run("train-guide", tags=tags) as run_id:
+        ctx.tracker.log_params(run_id, settings)
+        guide = train_guide_for(generator, images, captions, class_names(ctx.params), cfg, ctx.progress)
+        figures = guide_figures(guide)
+        ctx.tracker.log_metrics(run_id, figures)
+        record = training_record_path(generator)
+        if record.is_file():
+            entry = json.loads(record.read_text())
+            entry["class_guide"] = {
+                "command": f"synthdet train-guide --data {data} --generator {generator}",
+                "code": git_sha(),
+                "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "settings": settings,
+                "figures": {k: round(v, 4) for k, v in figures.items()},
+            }
+            write_text_atomic(record, json.dumps(entry, indent=2) + "\n")
+    return {**figures, "path": str(generator / GUIDE_DIR)}
 
 
 def training_record_path(model: Path) -> Path:
@@ -674,7 +718,7 @@ def evaluate_default(
             "conf": conf,
             "generate_seconds_per_image": round(generate_seconds / max(1, len(generated)), 3),
             "generation": gen_cfg.model_dump(
-                mode="json", include={"num_inference_steps", "guidance_scale", "scheduler"}
+                mode="json", include={"num_inference_steps", "guidance_scale", "scheduler", "class_guidance"}
             ),
             "fidelity": ev.fidelity_summary(table),
             "map50_95": map50_95,

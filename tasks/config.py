@@ -154,6 +154,9 @@ class StartMeans(ImagesByValue):
     )
 
 
+GUIDE_DIR = "class_guide"  # a pipeline's class guide (tasks/class_guide.py), beside its diffusers parts
+
+
 class GenerateConfig(Section):
     """A diffusers text-to-image pipeline and how to sample from it."""
 
@@ -172,6 +175,18 @@ class GenerateConfig(Section):
     width: PositiveInt = 64
     batch_size: Annotated[int, Field(gt=0, le=1024)] = 16
     start_means: StartMeans | None = Field(None, description="Start sampling from real images' mean latent.")
+    class_guidance: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description="Classifier guidance: after each step the latents move toward the prompt's class, by the "
+        "gradient of the pipeline's class_guide/ (train-generator.guide_steps, `synthdet train-guide`) times this "
+        "scale. 0: off. Needs a guide that knows every prompt's class and a DDIM-like sampler "
+        "(python -m bench.guidance --class-guidance compares scales).",
+    )
+    class_guidance_from: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0,
+        description="Share of the sampling steps run before class guidance starts: 0 steers at every step; 0.5 "
+        "only over the second half, where outlines are drawn, leaving the colours and haze laid down early.",
+    )
     retries: Annotated[int, Field(ge=0, le=10)] = Field(
         2, description="Retries of a failing batch before the run fails."
     )
@@ -491,6 +506,22 @@ class TrainGeneratorConfig(Section):
         "zero_terminal_snr implies it.",
     )
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.998
+    guide_steps: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Steps that train the class guide after the UNet: a classifier of noisy latents, told by the "
+        "captions which classes each image shows, that generate.class_guidance samples with "
+        "(tasks/class_guide.py; `synthdet train-guide` adds one to an existing pipeline); 0: no guide.",
+    )
+    guide_batch: PositiveInt = 128
+    guide_lr: Annotated[float, Field(gt=0, le=1)] = 2e-3
+    guide_widths: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 128], min_length=1, max_length=4)
+
+    @field_validator("guide_widths")
+    @classmethod
+    def _group_norm_widths(cls, value: list[int]) -> list[int]:
+        if any(width % 8 for width in value):
+            raise ValueError(f"every width must be a multiple of 8 (group norm in groups of 8), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _some_level_attends(self) -> TrainGeneratorConfig:

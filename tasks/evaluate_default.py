@@ -205,7 +205,9 @@ def markdown_report(result: dict, classes: Sequence[str], conditions: Sequence[s
         *(
             [
                 f"Generated with {g['num_inference_steps']} steps of the pipeline's scheduler at guidance scale "
-                f"{g['guidance_scale']} (params `generate`; `python -m bench.guidance` compares scales)."
+                f"{g['guidance_scale']}"
+                + (f" and class guidance {g['class_guidance']}" if g.get("class_guidance") else "")
+                + " (params `generate`; `python -m bench.guidance` compares scales)."
             ]
             if (g := result.get("generation"))
             else []
@@ -244,5 +246,8 @@ def markdown_report(result: dict, classes: Sequence[str], conditions: Sequence[s
         lines.append(
             f"| {name} | {record['seconds'] / 60:.1f} min | {record['size_mb']:.1f} MB | `{record['command']}` |"
         )
+        if guide := record.get("class_guide"):  # trained after the pipeline, by `synthdet train-guide`
+            minutes = guide["figures"]["guide_seconds"] / 60
+            lines.append(f"| {name}'s class guide | {minutes:.1f} min | (in the folder) | `{guide['command']}` |")
     lines.append("")
     return "\n".join(lines)

@@ -170,6 +170,13 @@ def fingerprint(
                                                                          "retry_backoff_s"})  # fmt: skip
         if generate.start_means and generate.start_means.strength == 1.0:  # trials run before the field existed
             del settings["generate"]["start_means"]["strength"]
+        if not generate.class_guidance:  # likewise
+            del settings["generate"]["class_guidance"]
+            del settings["generate"]["class_guidance_from"]
+        else:  # the guide counts by content, as the models do (the pipeline's hash leaves it out)
+            from tasks.generation import guide_hash
+
+            settings["class_guide"] = guide_hash(generate)
         if generate.start_means:  # the real images' bytes, not just their folder
             from tasks.generation import images_digests, start_mean_sources
 

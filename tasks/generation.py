@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tasks.config import GenerateConfig, ImagesByValue
+from tasks.config import GUIDE_DIR, GenerateConfig, ImagesByValue
 from tasks.dataset import IMAGE_SUFFIXES
 from tasks.retry import with_retries
 from tasks.shards import MapShards, chunks, shard_device, torch_threads, worker_cache
@@ -32,6 +32,8 @@ from tasks.workspace import atomic_path, write_text_atomic
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+
+    from tasks.class_guide import LatentClassifier
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class PipelineIdentity:
     model: str
     model_hash: str
     scheduler: str
+    guide_hash: str = ""  # the class guide's, when generate.class_guidance uses one
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class LoadedPipeline(PipelineIdentity):
     """A pipeline ready to sample, with what identifies it."""
 
     pipe: DiffusionPipeline = field(repr=False, kw_only=True)
+    guide: LatentClassifier | None = field(default=None, repr=False, kw_only=True)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -84,10 +88,15 @@ def resolve_model_dir(model: str) -> Path:
         ) from exc
 
 
-def hash_model_dir(model_dir: Path) -> str:
-    """sha256 over the relative paths and bytes of the files that define a pipeline (16 hex chars)."""
+def hash_model_dir(model_dir: Path, skip: str | None = GUIDE_DIR) -> str:
+    """sha256 over the relative paths and bytes of the files that define a pipeline (16 hex chars).
+
+    The class guide (``skip``) is left out: adding one changes no unguided image. Guided images' ids
+    hash it separately (:func:`guide_hash`).
+    """
     digest = hashlib.sha256()
-    for file in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix in _HASHED_SUFFIXES):
+    files = (p for p in model_dir.rglob("*") if p.is_file() and p.suffix in _HASHED_SUFFIXES)
+    for file in sorted(p for p in files if not skip or p.relative_to(model_dir).parts[0] != skip):
         digest.update(file.relative_to(model_dir).as_posix().encode())
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -95,8 +104,38 @@ def hash_model_dir(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def guide_dir(cfg: GenerateConfig) -> Path:
+    """The class guide folder of ``cfg.model``; FileNotFoundError (naming generate.class_guidance) if absent."""
+    path = resolve_model_dir(cfg.model) / GUIDE_DIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"generate.class_guidance: {cfg.class_guidance} needs a class guide at {path}, and there is none "
+            "(train one: `synthdet train-guide --generator DIR`; or set class_guidance: 0)"
+        )
+    return path
+
+
+def guide_hash(cfg: GenerateConfig) -> str:
+    """The class guide's hash when ``cfg`` guides by class, else ""."""
+    return hash_model_dir(guide_dir(cfg), skip=None) if cfg.class_guidance else ""
+
+
+def check_guide_classes(cfg: GenerateConfig, prompts: pd.DataFrame) -> None:
+    """Raise ValueError, before any image is made, if a prompt's class is one the guide does not know."""
+    if not cfg.class_guidance:
+        return
+    path = guide_dir(cfg)
+    known = json.loads((path / "config.json").read_text())["classes"]
+    if "class" not in prompts.columns:
+        raise ValueError("generate.class_guidance: the prompts table has no 'class' column to guide toward")
+    unknown = sorted(set(prompts["class"].astype(str)) - set(known))
+    if unknown:
+        raise ValueError(f"generate.class_guidance: the guide at {path} knows {known}, not the prompts' {unknown}")
+
+
 def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
-    """Load any diffusers text-to-image pipeline from a local directory or a hub id."""
+    """Load any diffusers text-to-image pipeline from a local directory or a hub id (and its class guide,
+    if ``cfg.class_guidance``)."""
     import diffusers
     import torch
 
@@ -109,9 +148,17 @@ def load_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
         if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
             raise ValueError(f"generate.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class")
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    guide = None
+    if cfg.class_guidance:
+        from tasks.class_guide import LatentClassifier, check_scheduler
+
+        check_scheduler(pipe.scheduler)
+        guide = LatentClassifier.from_pretrained(guide_dir(cfg), local_files_only=True).to(cfg.device)
+        guide.eval().requires_grad_(False)
     pipe = pipe.to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(cfg.model, hash_model_dir(model_dir), type(pipe.scheduler).__name__, pipe=pipe)
+    scheduler = type(pipe.scheduler).__name__
+    return LoadedPipeline(cfg.model, hash_model_dir(model_dir), scheduler, guide_hash(cfg), pipe=pipe, guide=guide)
 
 
 def image_id(
@@ -140,6 +187,10 @@ def image_id(
             key.append(cfg.start_means.strength)
     if cfg.guidance_until != 1.0:  # likewise
         key.append(["guidance_until", cfg.guidance_until])
+    if cfg.class_guidance:
+        key.append(["class_guidance", cfg.class_guidance, loaded.guide_hash])
+        if cfg.class_guidance_from:
+            key.append(["class_guidance_from", cfg.class_guidance_from])
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -308,13 +359,13 @@ def pipeline_identity(cfg: GenerateConfig) -> PipelineIdentity:
             scheduler = json.loads(config.read_text())["_class_name"]
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             raise FileNotFoundError(f"generate.model: {config}: unreadable scheduler config ({exc})") from None
-    return PipelineIdentity(cfg.model, hash_model_dir(model_dir), scheduler)
+    return PipelineIdentity(cfg.model, hash_model_dir(model_dir), scheduler, guide_hash(cfg))
 
 
 def worker_pipeline(cfg: GenerateConfig) -> LoadedPipeline:
     """This process's pipeline for ``cfg``, loaded on first use (on its own GPU, if it has several)."""
     device = shard_device(cfg.device)
-    key = ("pipeline", cfg.model, cfg.dtype, cfg.scheduler, device)
+    key = ("pipeline", cfg.model, cfg.dtype, cfg.scheduler, bool(cfg.class_guidance), device)
     return worker_cache(key, lambda: load_pipeline(cfg.model_copy(update={"device": device})))
 
 
@@ -349,6 +400,7 @@ def generate_images(
         raise ValueError(
             f"generate.start_means.axis: {cfg.start_means.axis!r} is not a prompt column (columns: {list(prompts.columns)})"
         )
+    check_guide_classes(cfg, prompts)
     digests = images_digests(start_mean_sources(cfg))
     rows = prompts.to_dict("records")
     ids = [image_id(row, loaded, cfg, digests) for row in rows]
@@ -384,7 +436,15 @@ def generate_images(
     table["model"] = loaded.model
     table["model_hash"] = loaded.model_hash
     table["scheduler"] = loaded.scheduler
-    for knob in ("num_inference_steps", "guidance_scale", "guidance_until", "height", "width", "dtype"):
+    for knob in (
+        "num_inference_steps",
+        "guidance_scale",
+        "guidance_until",
+        "class_guidance",
+        "height",
+        "width",
+        "dtype",
+    ):
         table[knob] = getattr(cfg, knob)
     return table
 
@@ -461,7 +521,13 @@ def render_shard(
             latents = None
             if cfg.start_means:
                 latents = start_latents(loaded.pipe, [row for _, row in batch], generators, means, cfg)
-            cutoff = guidance_cutoff(cfg.num_inference_steps, cfg.guidance_until)
+            from tasks.class_guide import chain, guidance_step
+
+            steer = None
+            if loaded.guide is not None:
+                ids = [loaded.guide.config.classes.index(str(row["class"])) for _, row in batch]
+                steer = guidance_step(loaded.guide, ids, cfg.class_guidance, cfg.class_guidance_from)
+            cutoff = chain(guidance_cutoff(cfg.num_inference_steps, cfg.guidance_until), steer)
             extra = {"callback_on_step_end": cutoff, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
             with torch.inference_mode():
                 return loaded.pipe(

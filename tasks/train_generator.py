@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tasks.class_guide import GUIDE_DIR, GuideResult, train_class_guide
 from tasks.config import TrainGeneratorConfig
 from tasks.generation import pixels_to_tensor
 from tasks.tokenizer import build_clip_tokenizer
@@ -50,6 +51,7 @@ class GeneratorResult:
     vae_loss: float
     unet_loss: float
     size_bytes: int
+    guide: GuideResult | None = None
 
 
 def load_captioned(folder: Path) -> tuple[np.ndarray, list[str], list[str] | None]:
@@ -359,8 +361,9 @@ def train_generator(
     progress: bool = True,
     on_step: Callable[[str, int, float], None] | None = None,
     layout_captions: list[str] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> GeneratorResult:
-    """Train all three parts and save the pipeline.
+    """Train all three parts (and the class guide, if ``cfg.guide_steps``) and save the pipeline.
 
     Args:
         images: (N, H, W, 3) uint8 with H = W = ``cfg.image_size``.
@@ -370,6 +373,7 @@ def train_generator(
         on_step: called with (phase, step, loss) every 50 steps, e.g. to log to MLflow.
         layout_captions: the same N scenes with sizes and places ("a small red circle at top left, fog"),
             shown instead of ``captions`` to a ``cfg.layout_caption_share`` of the UNet's samples.
+        classes: the class names the guide tells apart (needed when ``cfg.guide_steps``).
 
     Raises:
         ValueError: mismatched inputs, layout captions asked for but missing, or a caption longer than
@@ -390,6 +394,8 @@ def train_generator(
         )
     if layout_captions is not None and len(layout_captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(layout_captions)} layout captions")
+    if cfg.guide_steps and not classes:
+        raise ValueError("train-generator.guide_steps is set but no class names were given for the class guide")
     layout_captions = layout_captions if cfg.layout_caption_share else None
     torch.set_num_threads(os.cpu_count() or 1)  # importing ultralytics leaves torch on cpu_count - 1 threads
     torch.manual_seed(cfg.seed)
@@ -410,10 +416,7 @@ def train_generator(
     vae_seconds = time.perf_counter() - began
 
     # Latents once: the posterior mean, scaled to unit variance as Stable Diffusion does.
-    with torch.inference_mode():
-        latents = torch.cat(
-            [vae.encode(pixels_to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
-        )
+    latents = posterior_means(vae, images)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = (latents * scaling).clone()
@@ -461,6 +464,7 @@ def train_generator(
     ema.copy_to(params)
     unet.to(memory_format=torch.contiguous_format)
     unet_seconds = time.perf_counter() - began
+    guide = train_class_guide(latents, captions, classes, noise, cfg, progress) if cfg.guide_steps else None
 
     scheduler = DDIMScheduler.from_config(noise.config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
@@ -477,7 +481,43 @@ def train_generator(
     shutil.rmtree(staging, ignore_errors=True)
     # fp16 on disk halves the size; loading with dtype=float32 casts back.
     pipe.to(dtype=torch.float16).save_pretrained(staging, safe_serialization=True)
+    if guide is not None:
+        guide.model.save_pretrained(staging / GUIDE_DIR, safe_serialization=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    return GeneratorResult(out_dir, vae_seconds, unet_seconds, vae_loss, unet_loss, size)
+    return GeneratorResult(out_dir, vae_seconds, unet_seconds, vae_loss, unet_loss, size, guide)
+
+
+def posterior_means(vae, images: np.ndarray) -> torch.Tensor:
+    """The autoencoder's posterior means of (N, H, W, 3) uint8 images, unscaled, 256 at a time."""
+    with torch.inference_mode():
+        return torch.cat(
+            [vae.encode(pixels_to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+        )
+
+
+def train_guide_for(
+    pipeline_dir: Path, images: np.ndarray, captions: list[str], classes: Sequence[str], cfg: TrainGeneratorConfig,
+    progress: bool = True,
+) -> GuideResult:  # fmt: skip
+    """Train a class guide for a saved pipeline, on its own autoencoder's latents; save it in the pipeline.
+
+    The guide sees the latents the UNet saw (the posterior mean times the saved scaling factor), so a
+    guide trained here equals one that ``train_generator`` trains with the same settings.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    if not cfg.guide_steps:
+        raise ValueError("train-generator.guide_steps is 0: give the class guide some training steps")
+    torch.set_num_threads(os.cpu_count() or 1)
+    vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae", dtype=torch.float32, local_files_only=True).eval()
+    noise = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler", local_files_only=True)
+    latents = (posterior_means(vae, images) * vae.config.scaling_factor).clone()
+    guide = train_class_guide(latents, captions, classes, noise, cfg, progress)
+    staging = pipeline_dir / f".{GUIDE_DIR}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    guide.model.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(pipeline_dir / GUIDE_DIR, ignore_errors=True)
+    staging.rename(pipeline_dir / GUIDE_DIR)
+    return guide

@@ -28,7 +28,8 @@ TOY = {
     "world": {"common_train": 8, "common_val": 4, "rare_scarce": 1, "test": 2, "captioned": 10, "reference_train": 5},
     "train-validator": {"model": "yolo26n.yaml", "epochs": 1, "imgsz": 32, "batch": 4, "plots": False},
     "train-generator": {"vae_channels": [8, 16, 16], "vae_steps": 2, "vae_batch": 4, "unet_channels": [16, 32],
-                        "unet_steps": 2, "unet_batch": 4, "warmup_steps": 1, "text_width": 16, "max_tokens": 24},
+                        "unet_steps": 2, "unet_batch": 4, "warmup_steps": 1, "text_width": 16, "max_tokens": 24,
+                        "guide_steps": 2, "guide_batch": 4, "guide_widths": [8, 16]},
 }  # fmt: skip
 
 
@@ -52,8 +53,12 @@ def test_world_then_both_trainings_then_reload(tmp_path: Path, yolo_env: Path) -
     assert detector.names == ["circle", "square", "triangle", "star"]
 
     synthdet("train-generator", "--data", str(world / "captioned"), "--out", str(models / "generator"))
-    cfg = GenerateConfig(model=str(models / "generator"), num_inference_steps=2, batch_size=1)
-    prompts = pd.DataFrame({"prompt": ["a red circle, night"], "negative_prompt": [""], "seed": [0]})
+    assert json.loads((models / "generator" / "class_guide" / "config.json").read_text())["classes"] == ["circle"]
+    synthdet("train-guide", "--data", str(world / "captioned"), "--generator", str(models / "generator"))
+    cfg = GenerateConfig(model=str(models / "generator"), num_inference_steps=2, batch_size=1, class_guidance=10.0)
+    prompts = pd.DataFrame(
+        {"prompt": ["a red circle, night"], "negative_prompt": [""], "seed": [0], "class": ["circle"]}
+    )
     table = generate_images(load_pipeline(cfg), prompts, cfg, tmp_path / "images", progress=False)
     assert (table["status"] == "ok").all()
 
@@ -61,6 +66,8 @@ def test_world_then_both_trainings_then_reload(tmp_path: Path, yolo_env: Path) -
     for record in (models / "validator.json", models / "generator.json"):
         figures = json.loads(record.read_text())
         assert figures["seconds"] > 0 and figures["size_mb"] > 0 and figures["command"].startswith("synthdet train-")
+    guide = json.loads((models / "generator.json").read_text())["class_guide"]
+    assert guide["command"].startswith("synthdet train-guide") and guide["settings"]["guide_steps"] == 2
 
     docs = tmp_path / "docs"
     synthdet("evaluate-default", "--world", str(world), "--generator", str(models / "generator"), "--validator",
@@ -77,6 +84,7 @@ def test_world_then_both_trainings_then_reload(tmp_path: Path, yolo_env: Path) -
     assert judged.groupby("source")["path"].nunique().eq(2 * len(cells)).all()  # no image counted for two sources
     report = (docs / "default-model.md").read_text()
     assert "| generated |" in report and "| roundtrip |" in report and "| circle |" in report
+    assert "| generator's class guide |" in report
     with Image.open(docs / "default-samples.png") as grid:
         assert grid.width > 5 * 3 * 64 and grid.height > 64  # five condition columns of three tiles, one class row
 
@@ -93,7 +101,8 @@ def test_the_shipped_default_models_load_like_any_hub_model_and_yolo_checkpoint(
     update = {"model": str(generator), "num_inference_steps": 2, "batch_size": 2, "start_means": None}
     cfg = params.generate.model_copy(update=update)
     prompts = pd.DataFrame({"prompt": ["a red star, fog", "a blue circle, plain"], "negative_prompt": [""] * 2,
-                            "seed": [0, 1]})  # fmt: skip
+                            "seed": [0, 1], "class": ["star", "circle"]})  # fmt: skip
+    assert cfg.class_guidance > 0  # so the shipped class guide loads and steers too
     table = generate_images(load_pipeline(cfg), prompts, cfg, tmp_path, progress=False)
     assert (table["status"] == "ok").all()
     assert load_detector(str(validator)).names == [c.name for c in params.prompts.classes]

@@ -63,6 +63,8 @@ finetune: {model: f.pt}
             "train-generator",
             "unet_plain_levels: 2 of the UNet's 2 levels without the caption leaves none",
         ),
+        ("train-generator: {guide_widths: [12, 24]}", "train-generator.guide_widths", "multiple of 8"),
+        ("generate: {model: m, class_guidance: -1}", "generate.class_guidance", "greater than or equal to 0"),
         ("dataset: {name: ../escape}", "dataset.name", "should match pattern"),
         ("run_name: a/b", "run_name", "should match pattern"),
         ("prompts: {classes: []}", "prompts.classes", "class list is empty"),

@@ -1,14 +1,17 @@
 """Does the autoencoder stop at a lucky point? Its round trip, measured along one training run.
 
 Trains only the autoencoder of ``synthdet train-generator`` (the ``train-generator`` settings of
-``--params``; ``--steps``, ``--ema``, ``--mean`` and ``--seed`` override theirs) on the captioned world images. Every
+``--params``; ``--steps``, ``--ema``, ``--mean``, ``--seed``, ``--clip`` and ``--lr`` override theirs) on the captioned world images. Every
 ``--every`` steps it measures the round trip: the share of real single-object scenes (``--per-cell`` per
 class x condition, the scenes ``synthdet evaluate-default`` uses) in which the judge still finds the class
 after encoding and decoding. The judge is the validator for common conditions and the reference detector
 for rare ones, at conf >= 0.25. With ``--ema`` each checkpoint measures both the last step's weights and
-their moving average, so one run shows whether averaging steadies the end point.
+their moving average, so one run shows whether averaging steadies the end point. Each row also shows
+the mean and the largest of the training losses sampled every 50 steps since the last checkpoint, and the
+median and largest norm of the gradient at those steps (after clipping, with ``--clip``).
 
     python -m bench.autoencoder_steps --steps 3000 --every 250 --ema 0.995    # 27 min here, half of it beside another run
+    python -m bench.autoencoder_steps --steps 2000 --every 250 --mean --threads 2 --clip 0.5  # 23 min beside another run
     python -m bench.autoencoder_steps --steps 100 --every 50 --per-cell 2     # a smoke run
 
 ``--save DIR`` keeps the weights the run returns (the average with ``--ema``), for
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--mean", action="store_true", help="decode the posterior mean, not a sample (vae_sample: false)"
     )
+    parser.add_argument(
+        "--clip", type=float, default=None, help="clip each step's gradient to this norm (vae_clip_grad)"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the params' vae_lr)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--per-cell", type=int, default=24, help="real scenes per class x condition cell")
     parser.add_argument("--validator", type=Path, default=ROOT / "models" / "validator.pt")
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_params(args.params).train_generator
     update = {"vae_from": None, "vae_ema_decay": args.ema} | ({"vae_sample": False} if args.mean else {})
-    update |= {k: v for k, v in {"vae_steps": args.steps, "seed": args.seed}.items() if v is not None}
+    overrides = {"vae_steps": args.steps, "seed": args.seed, "vae_clip_grad": args.clip, "vae_lr": args.lr}
+    update |= {k: v for k, v in overrides.items() if v is not None}
     cfg = cfg.model_copy(update=update)
     real = ev.render_real(CLASSES, CONDITIONS, args.per_cell, work / "real")
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in real["path"]])
@@ -77,24 +85,38 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     vae = build_parts(cfg, ["a"])[0]  # the vocabulary does not touch the autoencoder
     rows = []
+    losses: list[float] = []  # the loss every 50 steps since the last checkpoint
+    norms: list[float] = []  # and the gradient's norm at those steps (after clipping, with --clip)
     began = time.perf_counter()
+
+    def trace(phase: str, step: int, loss: float) -> None:
+        losses.append(loss)
+        norms.append(float(torch.cat([p.grad.flatten() for p in vae.parameters() if p.grad is not None]).norm()))
 
     def measure(step: int, weights: str, model) -> None:
         decoded = [out for i in range(0, len(pixels), 64) for out in round_trip(model, pixels[i : i + 64])]
         kept, _ = judge_all(judges, real, to_bgr(decoded))
         row = {"step": step, "weights": weights, "kept": round(kept["overall"], 3)}
         row |= {k: round(v, 2) for k, v in kept["by_condition"].items()}
+        if losses:
+            row |= {"loss": round(float(np.mean(losses)), 4), "max loss": round(max(losses), 4)}
+            row |= {"grad norm": round(float(np.median(norms)), 3), "max grad norm": round(max(norms), 3)}
+        if weights == "ema" or args.ema is None:  # both rows of a checkpoint show the same stretch
+            losses.clear()
+            norms.clear()
         row["minutes"] = round((time.perf_counter() - began) / 60, 1)
         rows.append(row)
         print(table([row]), flush=True)
 
-    vae, loss = train_autoencoder(vae, images, cfg, on_checkpoint=measure, checkpoint_every=args.every)
+    vae, loss = train_autoencoder(vae, images, cfg, on_step=trace, on_checkpoint=measure, checkpoint_every=args.every)
     print(table(rows))
     if args.save:
         vae.save_pretrained(args.save, safe_serialization=True)
         print(f"saved the autoencoder at {args.save}")
     settings = {k: str(v) for k, v in vars(args).items() if k != "out"}
-    settings |= {k: getattr(cfg, k) for k in ("vae_steps", "vae_batch", "vae_lr", "vae_sample", "seed")}
+    settings |= {
+        k: getattr(cfg, k) for k in ("vae_steps", "vae_batch", "vae_lr", "vae_sample", "vae_clip_grad", "seed")
+    }
     write_result("autoencoder_steps", argv, settings, {"rows": rows, "last_loss": loss}, load, args.out)
     return {"rows": rows}
 

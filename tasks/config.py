@@ -443,6 +443,11 @@ class TrainGeneratorConfig(Section):
         "last step's (0.995 averages about the last 200 steps); None saves the last step's. It trailed the last "
         "step while the autoencoder still learnt (docs/benchmarks.md section 9).",
     )
+    vae_clip_grad: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="Clip the autoencoder's gradient to this norm each step, as the UNet's is clipped to 1.0; None "
+        "leaves it unclipped (docs/generator.md, 'Clipping the autoencoder's gradient').",
+    )
     vae_sample: bool = Field(
         True,
         description="Decode a sample of the posterior while training (a KL autoencoder, as Stable Diffusion's); "

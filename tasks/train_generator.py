@@ -229,7 +229,8 @@ def train_autoencoder(
     with ``cfg.vae_sample`` false, on the decoded posterior mean, without one. With ``cfg.vae_ema_decay`` the
     returned weights are an exponential moving average of the steps' weights, not the last step's.
     ``on_checkpoint(step, "last" or "ema", vae)``, a benchmark's hook (``bench.autoencoder_steps``), sees
-    the weights every ``checkpoint_every`` steps and after the last step, in eval mode.
+    the weights every ``checkpoint_every`` steps and after the last step, in eval mode. With
+    ``cfg.vae_clip_grad`` each step's gradient is clipped to that norm.
 
     Its batches and sampling noise come from generators of its own, seeded by ``cfg.seed``, so the result
     depends only on ``vae``'s initial weights and the autoencoder's settings.
@@ -269,6 +270,8 @@ def train_autoencoder(
         loss = loss + cfg.edge_weight * F.l1_loss(_edges(rec), _edges(x))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.vae_clip_grad:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.vae_clip_grad)
         optimizer.step()
         if schedule is not None:
             schedule.step()

@@ -291,3 +291,22 @@ def test_an_autoencoder_trained_on_its_posterior_mean_saves_a_point_posterior(tm
     train_generator(images, captions, sampled, tmp_path / "s", progress=False)
     vae = AutoencoderKL.from_pretrained(tmp_path / "s" / "vae", torch_dtype=torch.float32, local_files_only=True)
     assert float(vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1).latent_dist.std.min()) > 1e-3
+
+
+def test_the_autoencoders_gradient_can_be_clipped() -> None:
+    import torch
+
+    from tasks.train_generator import build_parts, train_autoencoder
+
+    images, _ = captioned(6)
+
+    def last_gradient_norm(clip: float | None) -> float:
+        cfg = TINY.model_copy(update={"vae_clip_grad": clip})
+        torch.manual_seed(cfg.seed)
+        vae, loss = train_autoencoder(build_parts(cfg, ["a"])[0], images, cfg, progress=False)
+        assert np.isfinite(loss)
+        return float(torch.cat([p.grad.flatten() for p in vae.parameters() if p.grad is not None]).norm())
+
+    free = last_gradient_norm(None)
+    assert free > 0.01  # the bound below binds
+    assert last_gradient_norm(0.01) == pytest.approx(0.01, rel=1e-3)  # the step saw the clipped gradient

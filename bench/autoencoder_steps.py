@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
         row["minutes"] = round((time.perf_counter() - began) / 60, 1)
         rows.append(row)
         print(table([row]), flush=True)
-        torch.set_num_threads(args.threads)  # an ultralytics predict leaves torch on cpu_count - 1 threads
 
     vae, loss = train_autoencoder(vae, images, cfg, on_step=trace, on_checkpoint=measure, checkpoint_every=args.every)
     print(table(rows))

@@ -38,10 +38,18 @@ def to_bgr(pixels) -> list:
 
 
 def detect_all(judges: dict, images: list) -> dict[str, list[list[dict]]]:
-    """Each judge's detections per image at conf >= 0.25: ``{"name", "box"}`` (box as normalised cx, cy, w, h)."""
+    """Each judge's detections per image at conf >= 0.25: ``{"name", "box"}`` (box as normalised cx, cy, w, h).
+
+    Leaves torch's thread count as it found it: an ultralytics ``predict`` sets ``cpu_count - 1``, and a
+    bench that trains or denoises after judging would otherwise go on with one thread on two cores.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
     out = {}
     for name, judge in judges.items():
         results = judge.predict(images, imgsz=64, conf=0.25, verbose=False, batch=64)
+        torch.set_num_threads(threads)
         out[name] = [
             [{"name": judge.names[int(c)], "box": b.tolist()} for c, b in zip(r.boxes.cls, r.boxes.xywhn, strict=True)]
             for r in results

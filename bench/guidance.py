@@ -11,6 +11,14 @@ to choose ``generate.guidance_scale`` for a generator.
     python -m bench.guidance --scales 10 --until 1,0.5,0.3     # guide only the first steps
     python -m bench.guidance --scales 10 --layout --generator DIR   # prompts that ask for size and place
     python -m bench.guidance --scales 10 --class-guidance 0,50,100  # steer by the pipeline's class guide
+    python -m bench.guidance --scales 10 --class-guidance 50 --start-means params.yaml   # as the pipeline samples
+
+``--start-means`` starts each image from its condition's mean real latent as ``generate.start_means`` in
+the given params file does (it needs that file's images, e.g. ``synthdet world --only rare_scarce``).
+Beside fidelity, each row shows every condition's tone: the mean brightness and the mean per-image
+contrast (pixel standard deviation) of its images, and the real test images' tone where
+``data/world/test/<condition>/images`` exists, since strong class guidance darkens fog and brightens
+night (docs/generator.md).
 
 Prints a table and writes ``bench/results/guidance.json``.
 """
@@ -35,6 +43,32 @@ def to_bgr(pixels) -> list:
     import numpy as np
 
     return [np.ascontiguousarray((x * 255).round().astype(np.uint8)[..., ::-1]) for x in pixels]
+
+
+def tone(images: list, conditions: list[str]) -> dict[str, str]:
+    """Each condition's mean brightness and mean per-image contrast (pixel std), as "0.69/0.061"."""
+    import numpy as np
+
+    out = {}
+    for condition in dict.fromkeys(conditions):
+        pixels = np.stack([im for im, c in zip(images, conditions, strict=True) if c == condition]) / 255.0
+        out[condition] = f"{pixels.mean():.2f}/{pixels.reshape(len(pixels), -1).std(1).mean():.3f}"
+    return out
+
+
+def real_tone(folder: Path, conditions: list[str], limit: int = 200) -> dict[str, str] | None:
+    """:func:`tone` of the real test images ``folder/<condition>/images``; None if any is missing."""
+    import numpy as np
+    from PIL import Image
+
+    images, labels = [], []
+    for condition in conditions:
+        files = sorted((folder / condition / "images").glob("*.png"))[:limit]
+        if not files:
+            return None
+        images += [np.asarray(Image.open(f).convert("RGB").resize((64, 64))) for f in files]
+        labels += [condition] * len(files)
+    return tone(images, labels)
 
 
 def detect_all(judges: dict, images: list) -> dict[str, list[list[dict]]]:
@@ -96,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--class-from", default="0",
                         help="comma-separated shares of the steps run before class guidance starts "
                         "(generate.class_guidance_from)")  # fmt: skip
+    parser.add_argument("--start-means", type=Path, default=None, metavar="PARAMS",
+                        help="start each image from its condition's mean real latent, as generate.start_means in "
+                        "this params file (default: from noise)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/guidance.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -108,10 +145,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tasks import evaluate_default as ev
     from tasks.class_guide import GUIDE_DIR, LatentClassifier, chain, guidance_step
-    from tasks.generation import guidance_cutoff
+    from tasks.config import load_params
+    from tasks.generation import guidance_cutoff, start_latents, start_mean_latents, start_mean_sources
     from tasks.layout import agrees
     from tasks.world import COMMON_CONDITIONS, CONDITIONS
 
+    sampling = None  # the params' generate section, with --start-means
+    if args.start_means:
+        sampling = load_params(args.start_means).generate.model_copy(update={"num_inference_steps": args.steps})
+        if sampling.start_means is None:
+            parser.error(f"--start-means: {args.start_means} sets no generate.start_means")
     prompts = ev.prompt_table(CLASSES, CONDITIONS, args.per_cell, seed=0, layout=args.layout)
     if args.negative == "others":
         prompts["negative_prompt"] = [
@@ -125,6 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     judges = {"validator": YOLO(str(args.validator)), "reference": YOLO(str(args.reference))}
+    means = None  # each condition's mean latent, with --start-means
+    if sampling is not None:
+        means = start_mean_latents(pipe, start_mean_sources(sampling), sampling)
+
+    real = real_tone(ROOT / "data" / "world" / "test", list(CONDITIONS))
+    if real:
+        print("real test images' tone (brightness/contrast):", real, flush=True)
     rows = []
     untils = [float(u) for u in args.until.split(",")]
     steers = [(float(c), float(f)) for c in args.class_guidance.split(",") for f in args.class_from.split(",")]
@@ -143,9 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
             ids = [guide.config.classes.index(c) for c in chunk["class"]] if guide else []
             steering = guidance_step(guide, ids, steer, steer_from) if steer else None
             step = chain(guidance_cutoff(args.steps, until), steering)
+            latents = None
+            if means is not None:  # draws each seed's noise as the pipeline would, plus its condition's mean
+                latents = start_latents(pipe, chunk.to_dict("records"), seeds, means, sampling)
             out = pipe(list(chunk["prompt"]), negative_prompt=list(chunk["negative_prompt"]),  # "" = unconditional
                        num_inference_steps=args.steps, guidance_scale=scale, height=64, width=64, generator=seeds,
-                       output_type="np",
+                       latents=latents, output_type="np",
                        callback_on_step_end=step,
                        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images  # fmt: skip
             images += to_bgr(out)
@@ -161,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             ]
             row["as asked"] = round(sum(placed) / len(placed), 3)
         row |= {k: round(v, 2) for k, v in {**fidelity["by_condition"], **fidelity["by_class"]}.items()}
+        row |= {f"{c} tone": v for c, v in tone(images, list(prompts["condition"])).items() if c != "plain"}
         row["s/image"] = round(seconds / len(images), 3)
         rows.append(row)
         print(table([row]), flush=True)
@@ -168,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: str(v) for k, v in vars(args).items() if k != "out"}
     best = max(rows, key=lambda r: r["fidelity"])
     figures = {"rows": rows, "best": {k: best[k] for k in ("guidance", "until", "class guidance", "from")}}
+    if real:
+        figures["real tone"] = real
     write_result("guidance", argv, settings, figures, load, args.out)
     return figures
 

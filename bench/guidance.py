@@ -46,7 +46,11 @@ def to_bgr(pixels) -> list:
 
 
 def tone(images: list, conditions: list[str]) -> dict[str, str]:
-    """Each condition's mean brightness and mean per-image contrast (pixel std), as "0.69/0.061"."""
+    """Each condition's mean brightness and mean per-image contrast (pixel std), as "0.69/0.061".
+
+    The std is over every pixel and channel, so colour counts as contrast; ``bench.appearance.image_stats``
+    takes it over grey. The figures in docs/benchmarks.md section 7 use this one.
+    """
     import numpy as np
 
     out = {}
